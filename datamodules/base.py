@@ -1,0 +1,81 @@
+"""What every DataModule here shares: the batch contract, bad-item skipping, and rank discovery.
+
+Batch contract (all DataModules, all backends):
+
+- `"image"`: float32 (B, 3, H, W) in [-1, 1], H = W = the DataModule's `resolution`;
+- `"label"`: long (B,), the class index, -1 when the data has no classes;
+- `"num_skipped"`: long scalar, how many items of this batch were dropped as bad images (log it);
+- optional extras: `"caption"` (list[str]) and `"index"` (long (B,)) for the built-in world.
+
+Bad input is never a crash and never a silent drop: a dataset returns None for an item it cannot decode, after a
+`BadImageWarning` naming the file and the reason; `SkipBadCollate` drops the Nones and counts them. A batch made
+only of bad items comes out with B = 0 (image (0, 3, H, W)) rather than raising, so a LightningModule should skip
+empty batches (`if batch["image"].shape[0] == 0: return None` in `training_step`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+from PIL import Image
+
+from ddt_lightning.data.images import BadImageError, load_rgb, warn_bad_image
+
+if TYPE_CHECKING:  # Lightning stays out of the imports of dataset code (spawned workers import it)
+    from lightning.pytorch import Trainer
+
+
+def decode_item(
+    source: str | bytes, label: int, name: str, transform: Callable[[Image.Image], torch.Tensor]
+) -> dict[str, Any] | None:
+    """Decode one image into `{"image", "label"}`, or warn (naming `name`) and return None if it is bad."""
+    try:
+        image = load_rgb(source)
+    except BadImageError as error:
+        warn_bad_image(BadImageError(name, error.reason))
+        return None
+    return {"image": transform(image), "label": label}
+
+
+class SkipBadCollate:
+    """`collate_fn` that drops None items (bad images), stacks the rest and adds `"num_skipped"`."""
+
+    def __init__(self, resolution: int) -> None:
+        self.resolution = resolution
+
+    def __call__(self, items: list[dict[str, Any] | None]) -> dict[str, Any]:
+        good = [item for item in items if item is not None]
+        batch: dict[str, Any] = {}
+        if good:
+            for key in good[0]:
+                values = [item[key] for item in good]
+                if isinstance(values[0], torch.Tensor):
+                    batch[key] = torch.stack(values)  # e.g. image: (B, 3, H, W)
+                elif isinstance(values[0], int):
+                    batch[key] = torch.tensor(values, dtype=torch.long)  # (B,)
+                else:
+                    batch[key] = values
+        else:
+            batch["image"] = torch.empty(0, 3, self.resolution, self.resolution)  # (0, 3, H, W)
+            batch["label"] = torch.empty(0, dtype=torch.long)
+        batch["num_skipped"] = torch.tensor(len(items) - len(good), dtype=torch.long)
+        return batch
+
+
+def rank_and_world_size(trainer: Trainer | None) -> tuple[int, int]:
+    """(global rank, world size): from the attached Trainer, else torch.distributed, else RANK/WORLD_SIZE."""
+    if trainer is not None:
+        return trainer.global_rank, trainer.world_size
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def check_loader_args(batch_size: int, num_workers: int) -> None:
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
