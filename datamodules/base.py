@@ -16,11 +16,12 @@ empty batches (`if batch["image"].shape[0] == 0: return None` in `training_step`
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sized
 from typing import TYPE_CHECKING, Any
 
 import torch
 from PIL import Image
+from torch.utils.data import DistributedSampler
 
 from ddt_lightning.data.images import BadImageError, load_rgb, warn_bad_image
 
@@ -72,6 +73,37 @@ def rank_and_world_size(trainer: Trainer | None) -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+class ResumableSampler(DistributedSampler):
+    """Training sampler: shuffles as a function of (seed, epoch) - DistributedSampler's scheme, in one process
+    too - and starts its first epoch `skip` samples in.
+
+    A run resumed from a mid-epoch checkpoint therefore sees exactly the batches the uninterrupted run would have
+    seen (Lightning calls `set_epoch` at each epoch start). Being a `DistributedSampler` already, Lightning does not
+    replace it under DDP: each rank reads its own 1 / world_size of every epoch, all ranks the same number.
+    """
+
+    def __init__(self, dataset: Sized, num_replicas: int, rank: int, seed: int, skip: int = 0) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self.skip = skip
+
+    def __iter__(self) -> Iterator[int]:
+        indices = list(super().__iter__())
+        skip, self.skip = self.skip, 0  # only the epoch the run resumes in starts late
+        return iter(indices[skip:])
+
+
+def train_sampler(trainer: Trainer | None, dataset: Sized, batch_size: int, seed: int) -> ResumableSampler:
+    """The training sampler, skipping the batches of the current epoch that a restored checkpoint already
+    trained on (from the trainer's restored step and epoch counters)."""
+    rank, world_size = rank_and_world_size(trainer)
+    skip = 0
+    if trainer is not None and trainer.global_step > 0:
+        batches_per_epoch = (len(dataset) // world_size) // batch_size  # drop_last, per rank
+        done = trainer.global_step * trainer.accumulate_grad_batches - trainer.current_epoch * batches_per_epoch
+        skip = min(max(done, 0), batches_per_epoch) * batch_size
+    return ResumableSampler(dataset, num_replicas=world_size, rank=rank, seed=seed, skip=skip)
 
 
 def check_loader_args(batch_size: int, num_workers: int) -> None:

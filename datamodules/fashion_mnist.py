@@ -13,13 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from lightning.pytorch import LightningDataModule
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from ddt_lightning.data.images import ImageTransform
-from ddt_lightning.datamodules.base import SkipBadCollate, check_loader_args
+from ddt_lightning.datamodules.base import SkipBadCollate, check_loader_args, train_sampler
 
 FASHION_MNIST_CLASSES: tuple[str, ...] = (
     "T-shirt/top",
@@ -137,12 +136,11 @@ class FashionMNISTDataModule(LightningDataModule):
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=train,
+            sampler=train_sampler(self.trainer, dataset, self.batch_size, self.seed) if train else None,
             drop_last=train,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             collate_fn=SkipBadCollate(self.resolution),
-            generator=torch.Generator().manual_seed(self.seed) if train else None,
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -19,12 +19,11 @@ import warnings
 from pathlib import Path
 from typing import Literal
 
-import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
 from ddt_lightning.data.images import ImageTransform
-from ddt_lightning.datamodules.base import SkipBadCollate, check_loader_args, rank_and_world_size
+from ddt_lightning.datamodules.base import SkipBadCollate, check_loader_args, rank_and_world_size, train_sampler
 from ddt_lightning.datamodules.class_folder import ClassFolder, FileImages, scan_class_folder
 from ddt_lightning.datamodules.streaming import EpochDataLoader, WebDatasetImages, litdata_images, read_classes
 
@@ -107,12 +106,11 @@ class ImageFolderDataModule(LightningDataModule):
             return DataLoader(
                 dataset,
                 batch_size=self.batch_size,
-                shuffle=train,
+                sampler=train_sampler(self.trainer, dataset, self.batch_size, self.seed) if train else None,
                 drop_last=train and len(dataset) >= self.batch_size,
                 num_workers=self.num_workers,
                 persistent_workers=self.num_workers > 0,
                 collate_fn=collate,
-                generator=torch.Generator().manual_seed(self.seed) if train else None,
             )
         split_dir = self.root / split
         if self.backend == "webdataset":

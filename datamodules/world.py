@@ -21,14 +21,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
 from ddt_lightning.data import world as world_module
 from ddt_lightning.data.images import uint8_to_tensor
 from ddt_lightning.data.world import World
-from ddt_lightning.datamodules.base import SkipBadCollate, check_loader_args
+from ddt_lightning.datamodules.base import SkipBadCollate, check_loader_args, train_sampler
 
 Split = Literal["train", "val", "test"]
 SPLIT_IDS: dict[str, int] = {"train": 0, "val": 1, "test": 2}
@@ -154,12 +153,11 @@ class WorldDataModule(LightningDataModule):
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=train,
+            sampler=train_sampler(self.trainer, dataset, self.batch_size, self.seed) if train else None,
             drop_last=train and len(dataset) >= self.batch_size,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             collate_fn=SkipBadCollate(self.resolution),
-            generator=torch.Generator().manual_seed(self.seed) if train else None,
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -1,0 +1,6 @@
+"""Lightning callbacks (installed as `ddt_lightning.callbacks`): side effects that stay out of the hot path."""
+
+from ddt_lightning.callbacks.dead_code import DeadCodeRestart
+from ddt_lightning.callbacks.image_grids import ReconstructionGrids
+
+__all__ = ["DeadCodeRestart", "ReconstructionGrids"]

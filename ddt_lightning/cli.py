@@ -1,0 +1,92 @@
+"""`ddt`: the Lightning CLI of ddt-lightning (`ddt fit|validate|test|predict --config ...`).
+
+Modules, DataModules, callbacks, strategy and accelerator are chosen by config (`class_path` / `init_args`), so an
+ablation is a small override file (design.md section 3). Two run-level keys are added:
+
+- `export_dir`: after `fit`, rank 0 writes the trained tokenizer there with `save_pretrained` (loadable without
+  Lightning) and logs it to the MLflow run;
+- `test_after_fit`: after `fit`, evaluate on the held-out test split and print the figures, the last line of
+  standard output being one JSON object (`psnr_onestep`, `psnr_sampler`, `sampler_steps`, `usage`,
+  `prefix_psnr`, `export`).
+
+MLflow (`ddt_lightning.tracking.MLflowLogger`) is the default logger and the resolved config is a run artifact.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import MLFlowLogger
+
+from ddt_lightning.tracking import MLflowLogger
+
+JSON_KEYS = ("psnr_onestep", "psnr_sampler", "sampler_steps", "usage", "prefix_psnr")
+
+
+class LogConfigToMLflow(SaveConfigCallback):
+    """Store the resolved config as `config.yaml` in every MLflow run (instead of a file in a log dir)."""
+
+    def save_config(self, trainer, pl_module, stage: str) -> None:
+        text = self.parser.dump(self.config, skip_none=False)
+        for logger in trainer.loggers:
+            if isinstance(logger, MLFlowLogger) and trainer.is_global_zero:
+                logger.experiment.log_text(logger.run_id, text, "config.yaml")
+
+
+class DDTCLI(LightningCLI):
+    def __init__(self, args=None, run: bool = True) -> None:
+        super().__init__(
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            save_config_callback=LogConfigToMLflow,
+            save_config_kwargs={"save_to_log_dir": False},
+            trainer_defaults={"logger": {"class_path": "ddt_lightning.tracking.MLflowLogger"}},
+            auto_configure_optimizers=False,
+            args=args,
+            run=run,
+        )
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument("--export_dir", type=str | None, default=None, help="write the trained tokenizer here")
+        parser.add_argument("--test_after_fit", type=bool, default=False, help="evaluate on the test split after fit")
+
+    def after_fit(self) -> None:
+        config = self.config[self.subcommand]
+        trainer, model = self.trainer, self.model
+        export = None
+        if config.export_dir:
+            export = config.export_dir
+            if trainer.is_global_zero:
+                model.tokenizer.save_pretrained(export)
+                for logger in trainer.loggers:
+                    if isinstance(logger, MLFlowLogger):
+                        logger.experiment.log_artifacts(logger.run_id, export, artifact_path="tokenizer")
+            trainer.strategy.barrier("export")
+        if not config.test_after_fit:
+            return
+        # The held-out split, with the weights training ended with (the EMA average when that callback is used).
+        trainer.test(model, datamodule=self.datamodule, verbose=False)
+        if not trainer.is_global_zero:
+            return
+        results = model.last_test_results
+        for logger in trainer.loggers:
+            if isinstance(logger, MLflowLogger):
+                print(logger.describe())
+        if export:
+            print(f"Exported tokenizer: {export} (load it with DDTTokenizer.from_pretrained({export!r}))")
+        summary = {key: results[key] for key in JSON_KEYS} | {"export": export}
+        summary |= {k: results[k] for k in ("ssim", "perplexity", "prefix_tokens", "rfid") if k in results}
+        sys.stdout.flush()
+        print(json.dumps(summary), flush=True)
+
+
+def main(args=None) -> None:
+    torch.set_float32_matmul_precision("high")
+    DDTCLI(args=args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""LightningModule that trains a `DDTTokenizer`: it only wires loss, optimisation and logging.
+
+Loss: rectified-flow loss of the decoder on the first k(t) tokens + the quantizer's commitment loss
+(`DDTTokenizer.forward`). Validation and test run the shared `TokenizerEvaluator` (PSNR one-step and sampled,
+SSIM, codebook usage and perplexity, the prefix curve, optional rFID) and hand the decoded images of their first
+batch to callbacks (`ReconstructionGrids`) through the step output. Codebook restarts live in the
+`DeadCodeRestart` callback, weight averaging in Lightning's `EMAWeightAveraging` callback.
+"""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import torch
+
+from ddt_lightning.evaluation import TokenizerEvaluator
+from ddt_lightning.tokenizer import DDTTokenizer, TokenizerConfig
+
+
+class TokenizerModule(L.LightningModule):
+    def __init__(
+        self,
+        tokenizer: TokenizerConfig | None = None,
+        lr: float = 1e-3,
+        min_lr_ratio: float = 0.05,
+        warmup_steps: int = 100,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.99),
+        grad_clip_norm: float | None = 1.0,
+        sampler_steps: int = 8,
+        guidance: float = 1.0,
+        prefix_tokens: list[int] | None = None,
+        fid: bool = False,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.config = tokenizer or TokenizerConfig()
+        self.tokenizer = DDTTokenizer(self.config)
+        if self.config.vae_path is not None:
+            self.tokenizer.load_vae(self.config.vae_path)
+        evaluator = dict(
+            num_tokens=self.config.num_tokens,
+            codebook_size=self.config.codebook_size,
+            sampler_steps=sampler_steps,
+            guidance=guidance,
+            prefix_tokens=prefix_tokens,
+        )
+        self.val_metrics = TokenizerEvaluator(**evaluator)
+        self.test_metrics = TokenizerEvaluator(**evaluator, fid=fid)
+
+    # ------------------------------------------------------------------------------------------------ setup
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        resolution = getattr(datamodule, "resolution", None)
+        if resolution is not None and resolution != self.config.image_size:
+            raise ValueError(
+                f"data resolution {resolution} does not fit the tokenizer: TokenizerConfig.image_size is "
+                f"{self.config.image_size} (set data.init_args.resolution or model.init_args.tokenizer.image_size)"
+            )
+
+    # --------------------------------------------------------------------------------------------- training
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
+        images, b = batch["image"], batch["image"].shape[0]
+        if "num_skipped" in batch:
+            self.log("data/skipped", batch["num_skipped"].float(), reduce_fx="sum", batch_size=max(b, 1))
+        if b == 0:  # every file of the batch was unreadable (counted above): nothing to learn from
+            return None
+        out = self.tokenizer(images, generator=self._step_generator())
+        self.log("train/loss", out.loss, prog_bar=True, batch_size=b)
+        self.log("train/diffusion", out.diffusion, batch_size=b)
+        self.log("train/commitment", out.commitment, batch_size=b)
+        return out.loss
+
+    def _step_generator(self) -> torch.Generator:
+        # Noise, times and dropouts are a function of (seed, step, rank) alone, so a run resumed from a checkpoint
+        # draws exactly what the uninterrupted run drew, and ranks draw differently.
+        seed = (self.hparams.seed * 1_000_003 + self.global_step) * 1_009 + self.global_rank
+        return torch.Generator(self.device).manual_seed(seed)
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        decay, no_decay = [], []
+        for name, param in self.tokenizer.named_parameters():
+            if param.requires_grad:
+                (decay if param.ndim >= 2 and "pos" not in name and "queries" not in name else no_decay).append(param)
+        groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas))
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        warmup = min(hp.warmup_steps, total)
+
+        def schedule(step: int) -> float:
+            # Linear warm-up, then cosine decay to min_lr_ratio x lr at the last step.
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+            return hp.min_lr_ratio + (1 - hp.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        clip = self.hparams.grad_clip_norm if gradient_clip_val is None else gradient_clip_val
+        if clip:
+            self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm="norm")
+
+    # ----------------------------------------------------------------------------------- validation / test
+    def _eval_step(self, metrics: TokenizerEvaluator, batch: dict, batch_idx: int) -> dict:
+        # Per-batch noise seeds: evaluation is reproducible and independent of batch order across ranks.
+        generator = torch.Generator(self.device).manual_seed(self.hparams.seed * 100_003 + batch_idx)
+        out = metrics.update(self.tokenizer, batch["image"], generator)
+        return {"images": batch["image"], **out} if batch_idx == 0 else {}
+
+    def _log_eval(self, metrics: TokenizerEvaluator, stage: str) -> dict:
+        results = metrics.compute()
+        metrics.reset()
+        for key, value in results.items():
+            if key == "prefix_psnr":
+                for j, psnr in zip(results["prefix_tokens"], value):
+                    self.log(f"{stage}/prefix_psnr_{j}", psnr, sync_dist=False)
+            elif isinstance(value, float):
+                self.log(f"{stage}/{key}", value, sync_dist=False)  # torchmetrics already synced the states
+        return results
+
+    def validation_step(self, batch: dict, batch_idx: int) -> dict:
+        return self._eval_step(self.val_metrics, batch, batch_idx)
+
+    def on_validation_epoch_end(self) -> None:
+        self.last_val_results = self._log_eval(self.val_metrics, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> dict:
+        return self._eval_step(self.test_metrics, batch, batch_idx)
+
+    def on_test_epoch_end(self) -> None:
+        self.last_test_results = self._log_eval(self.test_metrics, "test")

@@ -1,0 +1,314 @@
+"""`DDTTokenizer`: images <-> T ordered discrete DDT tokens (DDT paper, section 3; design.md section 1).
+
+    encode(images) -> LongTensor (B, T)       encoder -> EMA vector quantizer -> code ids
+    decode(tokens, steps, guidance, prefix)   rectified-flow Euler sampling of the MMDiT decoder from noise
+
+`forward(images)` is the training objective: the rectified-flow loss of the decoder conditioned on the first
+k(t) tokens, plus the quantizer's commitment loss. It also applies classifier-free token dropout (all tokens
+dropped with probability `p_uncond`) and prefix dropout (ours, after FlexTok's nested dropout: the visible
+tokens are capped at a random `j < k(t)` with probability `p_prefix`, so decoding from a short prefix is a case
+the decoder has trained on).
+
+Pure PyTorch (no Lightning): an export loads with `DDTTokenizer.from_pretrained(dir)` from a safetensors file
+and a JSON config. Size presets live in `PRESETS` below and nowhere else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ddt_lightning.models.decoder import DDTDecoder
+from ddt_lightning.models.encoder import DDTEncoder
+from ddt_lightning.models.quantizer import VectorQuantizer
+from ddt_lightning.models.schedule import TokenMap, sample_time
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+VAE_FOLDER = "vae"
+
+
+@dataclass
+class TokenizerConfig:
+    """Everything that defines a DDT tokenizer. Defaults are the `tiny` CPU preset (pixel space, 32x32)."""
+
+    image_size: int = 32  # pixels; with a VAE, the pixel size before the VAE's downsampling
+    in_channels: int = 3
+    patch_size: int = 4
+    encoder_dim: int = 128
+    encoder_depth: int = 3
+    encoder_heads: int = 4
+    decoder_dim: int = 128
+    decoder_depth: int = 4
+    decoder_heads: int = 4
+    mlp_ratio: float = 4.0
+    qk_norm: bool = True
+    per_position_adaln: bool = True
+    num_tokens: int = 32
+    stage_tokens: list[int] | None = None  # None: the paper's uniform k(t) = ceil(t T); else Selftok-style stages
+    codebook_size: int = 1024
+    code_dim: int = 16
+    cosine_codes: bool = True
+    codebook_decay: float = 0.99
+    commitment_weight: float = 0.25
+    kmeans_init: bool = False
+    prediction: Literal["x0", "velocity"] = "x0"
+    time_shift: float = 3.0  # SD3 shift of the training time distribution
+    sampler_shift: float = 3.0  # the same shift applied to the sampler's time grid
+    p_uncond: float = 0.1
+    p_prefix: float = 0.1
+    vae_path: str | None = None  # a local diffusers AutoencoderKL folder: work in its latent space
+    vae_downsample: int = 8
+
+    def __post_init__(self) -> None:
+        checks = {
+            "image_size": self.image_size > 0,
+            "patch_size": self.latent_size % self.patch_size == 0,
+            "num_tokens": self.num_tokens > 0,
+            "codebook_size": self.codebook_size > 1,
+            "p_uncond": 0 <= self.p_uncond < 1,
+            "p_prefix": 0 <= self.p_prefix < 1,
+            "time_shift": self.time_shift > 0,
+            "sampler_shift": self.sampler_shift > 0,
+            "prediction": self.prediction in ("x0", "velocity"),
+        }
+        bad = [key for key, ok in checks.items() if not ok]
+        if bad:
+            key = bad[0]
+            detail = (
+                f"the model's input size {self.latent_size} is not divisible by patch_size={self.patch_size}"
+                if key == "patch_size"
+                else f"invalid value {getattr(self, key)!r}"
+            )
+            raise ValueError(f"TokenizerConfig.{key}: {detail}")
+        TokenMap(self.num_tokens, self.stage_tokens)  # validates stage_tokens against num_tokens
+
+    @property
+    def latent_size(self) -> int:
+        """Spatial size the transformers see: the image size, or the VAE latent size."""
+        return self.image_size // self.vae_downsample if self.vae_path else self.image_size
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> TokenizerConfig:
+        if name not in PRESETS:
+            raise ValueError(f"unknown tokenizer preset {name!r}; choose one of {sorted(PRESETS)}")
+        return dataclasses.replace(PRESETS[name], **overrides)
+
+
+PRESETS: dict[str, TokenizerConfig] = {
+    # CPU: pixel space 32x32, patch 4 -> 64 image tokens; 1.9 M parameters.
+    "tiny": TokenizerConfig(),
+    # The paper's scale: 256x256 images in the 16-channel latent space of an AutoencoderKL (f8 -> 32x32),
+    # K = 65,536 codes of m = 16. Widths follow SD3-medium for the decoder (1536 x 24) and a half-depth encoder
+    # (ours); T = 256 tokens (ours).
+    "paper": TokenizerConfig(
+        image_size=256,
+        in_channels=16,
+        patch_size=2,
+        encoder_dim=1024,
+        encoder_depth=12,
+        encoder_heads=16,
+        decoder_dim=1536,
+        decoder_depth=24,
+        decoder_heads=24,
+        num_tokens=256,
+        codebook_size=65_536,
+        code_dim=16,
+        kmeans_init=True,
+        vae_path="vae",
+    ),
+}
+
+
+class TokenizerLosses(NamedTuple):
+    loss: torch.Tensor  # total: diffusion + commitment
+    diffusion: torch.Tensor
+    commitment: torch.Tensor
+    indices: torch.Tensor  # (B, T) code ids of the batch
+
+
+class DDTTokenizer(nn.Module):
+    def __init__(self, config: TokenizerConfig | None = None) -> None:
+        super().__init__()
+        self.config = cfg = config or TokenizerConfig()
+        size, channels = cfg.latent_size, cfg.in_channels
+        common = dict(image_size=size, in_channels=channels, patch_size=cfg.patch_size, mlp_ratio=cfg.mlp_ratio)
+        common |= dict(num_tokens=cfg.num_tokens, token_dim=cfg.code_dim, qk_norm=cfg.qk_norm)
+        self.encoder = DDTEncoder(
+            dim=cfg.encoder_dim,
+            depth=cfg.encoder_depth,
+            heads=cfg.encoder_heads,
+            per_position_adaln=cfg.per_position_adaln,
+            **common,
+        )
+        self.quantizer = VectorQuantizer(
+            codebook_size=cfg.codebook_size,
+            dim=cfg.code_dim,
+            num_positions=cfg.num_tokens,
+            decay=cfg.codebook_decay,
+            commitment_weight=cfg.commitment_weight,
+            cosine=cfg.cosine_codes,
+            kmeans_init=cfg.kmeans_init,
+        )
+        self.decoder = DDTDecoder(dim=cfg.decoder_dim, depth=cfg.decoder_depth, heads=cfg.decoder_heads, **common)
+        self.token_map = TokenMap(cfg.num_tokens, cfg.stage_tokens)
+        self.vae = None  # frozen, loaded by `load_vae`; never part of the trained state
+
+    # ----------------------------------------------------------------------------------------------- latents
+    def load_vae(self, path: str | Path) -> None:
+        """Load the frozen AutoencoderKL from a local folder (never from a hub)."""
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(str(path), local_files_only=True)
+        if vae.config.latent_channels != self.config.in_channels:
+            raise ValueError(
+                f"VAE at {path} has latent_channels={vae.config.latent_channels} but TokenizerConfig.in_channels="
+                f"{self.config.in_channels}"
+            )
+        vae.requires_grad_(False).eval()
+        object.__setattr__(self, "vae", vae)  # not a registered submodule: kept out of state_dict and optimiser
+
+    def to_latent(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] -> the space the transformers work in (identity in pixel space)."""
+        if self.config.vae_path is None:
+            return images
+        if self.vae is None:
+            raise RuntimeError(f"this tokenizer works in a VAE latent space: call load_vae({self.config.vae_path!r})")
+        self.vae.to(images.device)
+        with torch.no_grad():
+            latents = self.vae.encode(images).latent_dist.mode()
+        shift = self.vae.config.shift_factor or 0.0
+        return (latents - shift) * self.vae.config.scaling_factor
+
+    def from_latent(self, latents: torch.Tensor) -> torch.Tensor:
+        if self.config.vae_path is None:
+            return latents
+        shift = self.vae.config.shift_factor or 0.0
+        with torch.no_grad():
+            return self.vae.decode(latents / self.vae.config.scaling_factor + shift).sample
+
+    # ---------------------------------------------------------------------------------------------- training
+    def forward(self, images: torch.Tensor, generator: torch.Generator | None = None) -> TokenizerLosses:
+        """images: (B, C, H, W) in [-1, 1] -> losses. Noise, times and dropouts come from `generator`."""
+        cfg = self.config
+        x0 = self.to_latent(images)
+        b, device = x0.shape[0], x0.device
+        q = self.quantizer(self.encoder(x0))  # quantized (B, T, m), indices (B, T)
+
+        t = sample_time(b, cfg.time_shift, device, generator)  # (B,)
+        visible = self.token_map(t)  # (B,) k(t)
+        u = torch.rand(3, b, device=device, generator=generator)  # (3, B): uncond, prefix, prefix length
+        prefix = (u[2] * visible).long()  # a random j < k(t)
+        visible = torch.where(u[1] < cfg.p_prefix, prefix, visible)
+        visible = torch.where(u[0] < cfg.p_uncond, torch.zeros_like(visible), visible)
+
+        eps = torch.randn(x0.shape, device=device, generator=generator, dtype=x0.dtype)
+        tb = t.to(x0.dtype)[:, None, None, None]
+        x_t = tb * eps + (1 - tb) * x0
+        pred = self.decoder(x_t, t, q.quantized, visible)
+        target = x0 if cfg.prediction == "x0" else eps - x0
+        diffusion = F.mse_loss(pred, target)
+        return TokenizerLosses(diffusion + q.commit_loss, diffusion, q.commit_loss, q.indices)
+
+    # --------------------------------------------------------------------------------------------- inference
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """images: (B, C, H, W) in [-1, 1] -> LongTensor (B, T) code ids (training state untouched)."""
+        z = self.encoder(self.to_latent(images))  # (B, T, m)
+        x = z.flatten(0, 1)  # (B T, m); the search alone, so no EMA or usage statistics change
+        if self.config.cosine_codes:
+            x = F.normalize(x, dim=-1)
+        return self.quantizer.nearest(x).view(z.shape[:2])
+
+    def predict_x0(
+        self, x_t: torch.Tensor, t: torch.Tensor, codes: torch.Tensor, visible: torch.Tensor, guidance: float
+    ) -> torch.Tensor:
+        """The decoder's x0 estimate, with classifier-free guidance against the all-dropped model when
+        guidance != 1 (conditional and unconditional run as one batch)."""
+        if guidance != 1.0:
+            both = self.decoder(
+                torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([codes, codes]), torch.cat([visible, 0 * visible])
+            )
+            cond, uncond = both.chunk(2)
+            out = uncond + guidance * (cond - uncond)
+        else:
+            out = self.decoder(x_t, t, codes, visible)
+        if self.config.prediction == "velocity":
+            out = x_t - t.to(out.dtype)[:, None, None, None] * out  # x0 = x_t - t v
+        return out
+
+    @torch.no_grad()
+    def decode(
+        self,
+        tokens: torch.Tensor,
+        steps: int = 8,
+        guidance: float = 1.0,
+        prefix: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """tokens: (B, T) code ids -> images (B, C, H, W) in [-1, 1], sampled from noise in `steps` Euler steps
+        (diffusers' FlowMatchEulerDiscreteScheduler). k(t) is recomputed at every step; with `prefix=j` only
+        the first j tokens are visible at any step (the paper's progressive decoding)."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        cfg = self.config
+        if prefix is not None and not 0 <= prefix <= cfg.num_tokens:
+            raise ValueError(f"prefix={prefix} must be in [0, {cfg.num_tokens}]")
+        codes = self.quantizer.lookup(tokens)  # (B, T, m)
+        b, size = tokens.shape[0], cfg.latent_size
+        x = torch.randn(b, cfg.in_channels, size, size, generator=generator, device=tokens.device)
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=cfg.sampler_shift)
+        scheduler.set_timesteps(steps, device=tokens.device)
+        for timestep, sigma in zip(scheduler.timesteps, scheduler.sigmas[:-1]):
+            t = sigma.expand(b).float()  # (B,)
+            visible = self.token_map(t)
+            if prefix is not None:
+                visible = visible.clamp(max=prefix)
+            x0 = self.predict_x0(x, t, codes, visible, guidance)
+            velocity = (x - x0) / sigma  # the scheduler integrates dx/dt = eps - x0
+            x = scheduler.step(velocity, timestep, x).prev_sample
+        return self.from_latent(x).clamp(-1, 1)
+
+    # ------------------------------------------------------------------------------------------ persistence
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write `config.json` + `model.safetensors` (+ the VAE under `vae/`): loadable without Lightning."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        cfg = dataclasses.asdict(self.config)
+        if self.vae is not None:
+            self.vae.save_pretrained(directory / VAE_FOLDER)
+            cfg["vae_path"] = VAE_FOLDER
+        (directory / CONFIG_NAME).write_text(json.dumps({"format": "ddt-tokenizer/1", **cfg}, indent=2))
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(state, str(directory / WEIGHTS_NAME))
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> DDTTokenizer:
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        config_file = directory / CONFIG_NAME
+        if not config_file.is_file():
+            raise FileNotFoundError(f"no DDT tokenizer export at {directory}: {CONFIG_NAME} is missing")
+        raw = json.loads(config_file.read_text())
+        raw.pop("format", None)
+        known = {f.name for f in dataclasses.fields(TokenizerConfig)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ValueError(f"{config_file}: unknown keys {unknown}")
+        tokenizer = cls(TokenizerConfig(**raw))
+        tokenizer.load_state_dict(load_file(str(directory / WEIGHTS_NAME), device=str(map_location)))
+        if tokenizer.config.vae_path is not None:
+            vae_dir = Path(tokenizer.config.vae_path)
+            tokenizer.load_vae(vae_dir if vae_dir.is_absolute() else directory / vae_dir)
+        return tokenizer.eval()

@@ -1,0 +1,218 @@
+"""DDTTokenizer: prefix masking, the training objective, sampling, export round trips and presets."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from ddt_lightning import DDTTokenizer
+from ddt_lightning.data.world import World
+from ddt_lightning.models.decoder import DDTDecoder
+from ddt_lightning.tokenizer import PRESETS, TokenizerConfig
+
+MICRO = TokenizerConfig(
+    image_size=16,
+    patch_size=4,
+    encoder_dim=32,
+    encoder_depth=1,
+    encoder_heads=2,
+    decoder_dim=32,
+    decoder_depth=2,
+    decoder_heads=2,
+    num_tokens=8,
+    codebook_size=64,
+    code_dim=8,
+)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    torch.manual_seed(0)
+    tok = DDTTokenizer(MICRO)
+    # Non-zero output layers so that every input can influence the output (AdaLN-Zero starts as identity).
+    for p in tok.parameters():
+        if p.ndim >= 1 and p.abs().sum() == 0:
+            p.data.normal_(0, 0.05)
+    return tok.eval()
+
+
+def images(n=4, seed=0):
+    return torch.rand(n, 3, 16, 16, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+def test_masked_tokens_cannot_influence_the_decoder():
+    torch.manual_seed(0)
+    dec = DDTDecoder(image_size=16, in_channels=3, patch_size=4, dim=32, depth=2, heads=2, num_tokens=8, token_dim=8)
+    for p in dec.parameters():
+        p.data.normal_(0, 0.1)  # biases included: zeroing alone would leak through them
+    x, t = torch.randn(3, 3, 16, 16), torch.rand(3)
+    codes = torch.randn(3, 8, 8)
+    visible = torch.tensor([3, 0, 8])
+    out = dec(x, t, codes, visible)
+    changed = codes.clone()
+    changed[0, 3:] = torch.randn(5, 8) * 100
+    changed[1] = torch.randn(8, 8) * 100
+    assert torch.equal(dec(x, t, changed, visible), out)
+    # ... while a visible token does change it (the test above could not pass vacuously).
+    changed[2, 7] += 1.0
+    assert not torch.allclose(dec(x, t, changed, visible)[2], out[2])
+
+
+def test_encode_gives_code_ids_and_leaves_training_state_alone(tokenizer):
+    state = {k: v.clone() for k, v in tokenizer.state_dict().items()}
+    tokens = tokenizer.encode(images())
+    assert tokens.dtype == torch.long and tokens.shape == (4, 8)
+    assert tokens.min() >= 0 and tokens.max() < 64
+    assert torch.equal(tokenizer.encode(images()), tokens)  # deterministic
+    for key, value in tokenizer.state_dict().items():
+        assert torch.equal(value, state[key]), key
+
+
+def test_decode_is_reproducible_and_prefix_decoding_behaves(tokenizer):
+    tokens = tokenizer.encode(images())
+    g = lambda: torch.Generator().manual_seed(7)  # noqa: E731
+    a = tokenizer.decode(tokens, steps=4, generator=g())
+    assert a.shape == (4, 3, 16, 16) and a.min() >= -1 and a.max() <= 1
+    assert torch.equal(tokenizer.decode(tokens, steps=4, generator=g()), a)
+    # prefix = T changes nothing; prefix = 0 is the unconditional model, blind to the tokens.
+    assert torch.equal(tokenizer.decode(tokens, steps=4, prefix=8, generator=g()), a)
+    other = torch.randint(0, 64, tokens.shape)
+    blind = tokenizer.decode(tokens, steps=4, prefix=0, generator=g())
+    assert torch.equal(tokenizer.decode(other, steps=4, prefix=0, generator=g()), blind)
+    assert not torch.equal(tokenizer.decode(other, steps=4, generator=g()), a)
+    # A prefix of 3 ignores tokens 4..T at every step.
+    mixed = torch.cat([tokens[:, :3], other[:, 3:]], dim=1)
+    p3 = tokenizer.decode(tokens, steps=4, prefix=3, generator=g())
+    assert torch.equal(tokenizer.decode(mixed, steps=4, prefix=3, generator=g()), p3)
+    with pytest.raises(ValueError, match="prefix"):
+        tokenizer.decode(tokens, prefix=9)
+
+
+def test_guidance_one_is_the_plain_sampler_and_other_scales_differ(tokenizer):
+    tokens = tokenizer.encode(images())
+    g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    plain = tokenizer.decode(tokens, steps=2, generator=g())
+    assert torch.equal(tokenizer.decode(tokens, steps=2, guidance=1.0, generator=g()), plain)
+    assert not torch.allclose(tokenizer.decode(tokens, steps=2, guidance=3.0, generator=g()), plain)
+
+
+def test_one_step_decode_is_the_x0_prediction_at_t_equal_1(tokenizer):
+    tokens = tokenizer.encode(images())
+    noise = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+    t = torch.ones(4)
+    expected = tokenizer.predict_x0(noise, t, tokenizer.quantizer.lookup(tokens), torch.full((4,), 8), 1.0)
+    decoded = tokenizer.decode(tokens, steps=1, generator=torch.Generator().manual_seed(5))
+    assert torch.allclose(decoded, expected.clamp(-1, 1), atol=1e-5)
+
+
+def test_training_objective_trains_encoder_and_decoder():
+    torch.manual_seed(0)
+    tok = DDTTokenizer(dataclasses.replace(MICRO, p_uncond=0.0, p_prefix=0.0)).train()
+    out = tok(images(8), generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(out.loss) and torch.allclose(out.loss, out.diffusion + out.commitment)
+    out.loss.backward()
+    for name in ("encoder.queries", "decoder.final.linear.weight", "encoder.out.weight"):
+        grad = dict(tok.named_parameters())[name].grad
+        assert grad is not None and grad.abs().sum() > 0, name
+
+
+def test_a_few_steps_reduce_the_loss_on_a_fixed_batch():
+    torch.manual_seed(0)
+    tok = DDTTokenizer(MICRO).train()
+    opt = torch.optim.AdamW(tok.parameters(), lr=3e-3)
+    world = World(seed=0, resolution=16)
+    batch = torch.stack([torch.from_numpy(world.sample(i).image) for i in range(16)]).permute(0, 3, 1, 2) / 127.5 - 1
+
+    def loss_at(step):
+        return tok(batch, generator=torch.Generator().manual_seed(1000 + step)).diffusion
+
+    with torch.no_grad():
+        before = sum(loss_at(s).item() for s in range(4)) / 4
+    for step in range(60):
+        opt.zero_grad()
+        tok(batch, generator=torch.Generator().manual_seed(step)).loss.backward()
+        opt.step()
+    with torch.no_grad():
+        after = sum(loss_at(s).item() for s in range(4)) / 4
+    assert after < 0.5 * before, (before, after)
+
+
+def test_save_and_load_round_trip(tmp_path, tokenizer):
+    export = tokenizer.save_pretrained(tmp_path / "tok")
+    assert (export / "config.json").is_file() and (export / "model.safetensors").is_file()
+    loaded = DDTTokenizer.from_pretrained(export)
+    assert loaded.config == tokenizer.config
+    x = images()
+    assert torch.equal(loaded.encode(x), tokenizer.encode(x))
+    tokens = tokenizer.encode(x)
+    g = lambda: torch.Generator().manual_seed(1)  # noqa: E731
+    assert torch.equal(loaded.decode(tokens, steps=2, generator=g()), tokenizer.decode(tokens, steps=2, generator=g()))
+
+
+def test_load_errors_name_the_problem(tmp_path, tokenizer):
+    with pytest.raises(FileNotFoundError, match=r"config\.json"):
+        DDTTokenizer.from_pretrained(tmp_path / "missing")
+    export = tokenizer.save_pretrained(tmp_path / "tok")
+    config = json.loads((export / "config.json").read_text())
+    config["num_tokenz"] = 3
+    (export / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="num_tokenz"):
+        DDTTokenizer.from_pretrained(export)
+
+
+def test_config_validation_names_the_key():
+    with pytest.raises(ValueError, match=r"30 is not divisible by patch_size=4"):
+        TokenizerConfig(image_size=30, patch_size=4)
+    with pytest.raises(ValueError, match="p_uncond"):
+        TokenizerConfig(p_uncond=1.5)
+    with pytest.raises(ValueError, match="stage_tokens"):
+        TokenizerConfig(num_tokens=32, stage_tokens=[16, 8])
+    with pytest.raises(ValueError, match="unknown tokenizer preset 'huge'"):
+        TokenizerConfig.preset("huge")
+
+
+def test_presets_tiny_and_paper_scale_on_meta_device():
+    tiny = DDTTokenizer(PRESETS["tiny"])
+    n_tiny = sum(p.numel() for p in tiny.parameters())
+    assert 1e6 < n_tiny < 1e7
+    with torch.device("meta"):
+        paper = DDTTokenizer(PRESETS["paper"])
+    counts = {name: sum(p.numel() for p in getattr(paper, name).parameters()) for name in ("encoder", "decoder")}
+    print(f"paper preset parameters: encoder {counts['encoder'] / 1e6:.1f} M, decoder {counts['decoder'] / 1e6:.1f} M")
+    assert paper.quantizer.codebook_size == 65_536 and paper.config.code_dim == 16
+    assert paper.config.latent_size == 32 and paper.config.image_size == 256
+    assert 1e9 < counts["decoder"] < 3e9  # SD3-medium-sized MMDiT
+    assert all(p.is_meta for p in paper.parameters())
+
+
+def test_vae_latent_space_round_trip(tmp_path):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(8, 8),
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        layers_per_block=1,
+        norm_num_groups=4,
+        sample_size=16,
+    )
+    vae.save_pretrained(tmp_path / "vae")
+    cfg = dataclasses.replace(
+        MICRO, image_size=16, in_channels=4, patch_size=2, vae_path=str(tmp_path / "vae"), vae_downsample=2
+    )
+    tok = DDTTokenizer(cfg)
+    tok.load_vae(cfg.vae_path)
+    assert "vae" not in {k.split(".")[0] for k in tok.state_dict()}
+    x = images(2)
+    assert tok.to_latent(x).shape == (2, 4, 8, 8)
+    tokens = tok.encode(x)
+    assert tok.decode(tokens, steps=2).shape == (2, 3, 16, 16)
+    export = tok.save_pretrained(tmp_path / "export")
+    assert (export / "vae" / "config.json").is_file()
+    loaded = DDTTokenizer.from_pretrained(export)
+    assert torch.equal(loaded.encode(x), tokens)
