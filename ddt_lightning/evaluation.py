@@ -92,6 +92,6 @@ class TokenizerEvaluator(nn.Module):
         return out
 
     def reset(self) -> None:
-        for metric in self.modules():
-            if metric is not self and hasattr(metric, "reset") and not isinstance(metric, nn.ModuleList):
-                metric.reset()
+        metrics = [self.psnr_onestep, self.psnr_sampler, self.ssim, self.usage, *self.prefix_psnr]
+        for metric in [*metrics, *([self.fid] if self.fid is not None else [])]:
+            metric.reset()

@@ -216,3 +216,22 @@ def test_vae_latent_space_round_trip(tmp_path):
     assert (export / "vae" / "config.json").is_file()
     loaded = DDTTokenizer.from_pretrained(export)
     assert torch.equal(loaded.encode(x), tokens)
+
+
+def test_evaluator_reports_every_figure_consistently(tokenizer):
+    from ddt_lightning.evaluation import TokenizerEvaluator
+    from ddt_lightning.metrics import psnr_01
+
+    evaluator = TokenizerEvaluator(num_tokens=8, codebook_size=64, sampler_steps=2)
+    x = images(6)
+    out = evaluator.update(tokenizer, x, torch.Generator().manual_seed(0))
+    results = evaluator.compute()
+    assert results["prefix_tokens"] == [2, 4, 8] and results["sampler_steps"] == 2
+    # The full prefix is the sampler's reconstruction, and both match a direct PSNR of the returned images.
+    assert results["prefix_psnr"][-1] == results["psnr_sampler"]
+    assert abs(results["psnr_sampler"] - psnr_01(out["sampled"], x).item()) < 1e-4
+    assert abs(results["psnr_onestep"] - psnr_01(out["onestep"], x).item()) < 1e-4
+    assert results["usage"] == len(out["tokens"].unique()) / 64
+    evaluator.reset()
+    evaluator.update(tokenizer, x[:2], torch.Generator().manual_seed(0))
+    assert evaluator.compute()["usage"] == len(tokenizer.encode(x[:2]).unique()) / 64

@@ -43,8 +43,10 @@ class StreamIn(nn.Module):
         self.num_mod = 6 if with_output else 2
         self.ada = nn.Linear(dim, self.num_mod * dim)
         self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.q_norm = nn.RMSNorm(dim // heads, eps=1e-6) if qk_norm else nn.Identity()
+        # A key/value-only stream (not updated in this block) has no queries: no q projection, no q norm.
+        self.num_proj = 3 if with_output else 2
+        self.qkv = nn.Linear(dim, self.num_proj * dim)
+        self.q_norm = nn.RMSNorm(dim // heads, eps=1e-6) if qk_norm and with_output else nn.Identity()
         self.k_norm = nn.RMSNorm(dim // heads, eps=1e-6) if qk_norm else nn.Identity()
         nn.init.zeros_(self.ada.weight)
         nn.init.zeros_(self.ada.bias)
@@ -53,8 +55,9 @@ class StreamIn(nn.Module):
         # x: (B, L, D); cond: (B or 1, 1 or L, D)
         mods = self.ada(F.silu(cond)).chunk(self.num_mod, dim=-1)
         h = modulate(self.norm(x), mods[0], mods[1])
-        q, k, v = rearrange(self.qkv(h), "b l (three h d) -> three b h l d", three=3, h=self.heads)
-        return self.q_norm(q), self.k_norm(k), v, mods[2:]
+        proj = rearrange(self.qkv(h), "b l (n h d) -> n b h l d", n=self.num_proj, h=self.heads)
+        q = self.q_norm(proj[0]) if self.num_proj == 3 else None
+        return q, self.k_norm(proj[-2]), proj[-1], mods[2:]
 
 
 class StreamOut(nn.Module):
@@ -111,9 +114,8 @@ class JointBlock(nn.Module):
         n = x.shape[1]
         qx, kx, vx, mods_x = self.x_in(x, x_cond)
         qc, kc, vc, mods_c = self.c_in(c, c_cond)
-        # Only the streams that are updated need queries: a key/value-only stream is left out of the query side.
-        queries = [q for q, keep in ((qx, self.update_x), (qc, self.update_c)) if keep]
-        q = torch.cat(queries, dim=2)  # (B, H, Lq, d)
+        # Only the streams that are updated have queries: a key/value-only stream is left out of the query side.
+        q = torch.cat([q for q in (qx, qc) if q is not None], dim=2)  # (B, H, Lq, d)
         k = torch.cat([kx, kc], dim=2)  # (B, H, N + M, d)
         v = torch.cat([vx, vc], dim=2)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)

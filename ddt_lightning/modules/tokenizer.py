@@ -33,6 +33,7 @@ class TokenizerModule(L.LightningModule):
         prefix_tokens: list[int] | None = None,
         fid: bool = False,
         seed: int = 0,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -40,6 +41,10 @@ class TokenizerModule(L.LightningModule):
         self.tokenizer = DDTTokenizer(self.config)
         if self.config.vae_path is not None:
             self.tokenizer.load_vae(self.config.vae_path)
+        if compile:
+            # In place (nn.Module.compile), so state_dict keys and exports are unchanged.
+            self.tokenizer.encoder.compile()
+            self.tokenizer.decoder.compile()
         evaluator = dict(
             num_tokens=self.config.num_tokens,
             codebook_size=self.config.codebook_size,
