@@ -3,10 +3,10 @@
 Modules, DataModules, callbacks, strategy and accelerator are chosen by config (`class_path` / `init_args`), so an
 ablation is a small override file (design.md section 3). Two run-level keys are added:
 
-- `export_dir`: after `fit`, rank 0 writes the trained tokenizer there with `save_pretrained` (loadable without
-  Lightning) and logs it to the MLflow run;
-- `test_after_fit`: after `fit`, evaluate on the held-out test split and print the figures, the last line of
-  standard output being one JSON object (`psnr_onestep`, `psnr_sampler`, `sampler_steps`, `usage`,
+- `export_dir`: after `fit` (or `test`), rank 0 writes the tokenizer there with `save_pretrained` (loadable
+  without Lightning) and logs it to the MLflow run;
+- `test_after_fit`: after `fit`, evaluate on the held-out test split and print the figures (as `ddt test` does), the
+  last line of standard output being one JSON object (`psnr_onestep`, `psnr_sampler`, `sampler_steps`, `usage`,
   `prefix_psnr`, `export`).
 
 MLflow (`ddt_lightning.tracking.MLflowLogger`) is the default logger and the resolved config is a run artifact.
@@ -53,26 +53,34 @@ class DDTCLI(LightningCLI):
         parser.add_argument("--export_dir", type=str | None, default=None, help="write the trained tokenizer here")
         parser.add_argument("--test_after_fit", type=bool, default=False, help="evaluate on the test split after fit")
 
-    def after_fit(self) -> None:
-        config = self.config[self.subcommand]
-        trainer, model = self.trainer, self.model
-        export = None
-        if config.export_dir:
-            export = config.export_dir
+    def _export(self) -> str | None:
+        """Rank 0 writes the tokenizer to `export_dir` (if set) and logs it to the MLflow run."""
+        export, trainer = self.config[self.subcommand].export_dir, self.trainer
+        if export:
             if trainer.is_global_zero:
-                model.tokenizer.save_pretrained(export)
+                self.model.tokenizer.save_pretrained(export)
                 for logger in trainer.loggers:
                     if isinstance(logger, MLFlowLogger):
                         logger.experiment.log_artifacts(logger.run_id, export, artifact_path="tokenizer")
             trainer.strategy.barrier("export")
-        if not config.test_after_fit:
+        return export
+
+    def after_fit(self) -> None:
+        export = self._export()
+        if self.config[self.subcommand].test_after_fit:
+            # The held-out split, with the weights training ended with (the EMA average when that callback is used).
+            self.trainer.test(self.model, datamodule=self.datamodule, verbose=False)
+            self._report(export)
+
+    def after_test(self) -> None:
+        self._report(self._export())
+
+    def _report(self, export: str | None) -> None:
+        """Print where the run (and the export) are, then the held-out figures as the last line: one JSON object."""
+        if not self.trainer.is_global_zero:
             return
-        # The held-out split, with the weights training ended with (the EMA average when that callback is used).
-        trainer.test(model, datamodule=self.datamodule, verbose=False)
-        if not trainer.is_global_zero:
-            return
-        results = model.last_test_results
-        for logger in trainer.loggers:
+        results = self.model.last_test_results
+        for logger in self.trainer.loggers:
             if isinstance(logger, MLflowLogger):
                 print(logger.describe())
         if export:

@@ -84,6 +84,8 @@ class TokenizerEvaluator(nn.Module):
             "perplexity": float(usage["perplexity"]),
             "usage_position_min": float(usage["usage_per_position"].min()),
             "perplexity_position_mean": float(usage["perplexity_per_position"].mean()),
+            "usage_per_position": [round(float(u), 4) for u in usage["usage_per_position"]],
+            "perplexity_per_position": [round(float(p), 2) for p in usage["perplexity_per_position"]],
             "prefix_tokens": list(self.prefix_tokens),
             "prefix_psnr": [m.compute().item() for m in self.prefix_psnr],
         }

@@ -74,6 +74,7 @@ def test_fit_logs_exports_and_prints_the_held_out_figures(tmp_path, monkeypatch,
         artifacts |= {a.path for a in client.list_artifacts(run.info.run_id, top.path)} if top.is_dir else {top.path}
     assert "config.yaml" in artifacts and "tokenizer/model.safetensors" in artifacts
     assert any(a.startswith("images/val") for a in artifacts) and any(a.startswith("images/test") for a in artifacts)
+    assert any(a.startswith("metrics/test_per_position") for a in artifacts)
     config_text = Path(client.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path))).read_text()
     assert "codebook_size: 64" in config_text
 

@@ -13,6 +13,7 @@ import math
 
 import lightning as L
 import torch
+from lightning.pytorch.loggers import MLFlowLogger
 
 from ddt_lightning.evaluation import TokenizerEvaluator
 from ddt_lightning.tokenizer import DDTTokenizer, TokenizerConfig
@@ -126,6 +127,12 @@ class TokenizerModule(L.LightningModule):
                     self.log(f"{stage}/prefix_psnr_{j}", psnr, sync_dist=False)
             elif isinstance(value, float):
                 self.log(f"{stage}/{key}", value, sync_dist=False)  # torchmetrics already synced the states
+        # The per-position curves (usage and perplexity of each token position) as a JSON run artifact.
+        per_position = {k: results[k] for k in ("usage_per_position", "perplexity_per_position")}
+        for logger in self.loggers if self.trainer.is_global_zero else []:
+            if isinstance(logger, MLFlowLogger):
+                name = f"metrics/{stage}_per_position_step{self.global_step:07d}.json"
+                logger.experiment.log_dict(logger.run_id, per_position, name)
         return results
 
     def validation_step(self, batch: dict, batch_idx: int) -> dict:
