@@ -247,3 +247,17 @@ def test_perplexity_of_uniform_usage_is_codebook_size() -> None:
     assert stats["usage"] == 1.0 and stats["perplexity"] == pytest.approx(8.0)
     assert "position_usage" not in stats and vq.position_counts.shape == (0, 8)
     assert math.isfinite(stats["perplexity"])
+
+
+def test_threaded_search_works_under_inference_mode() -> None:
+    """Lightning validates and tests under `torch.inference_mode`, which worker threads do not inherit."""
+    torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.inference_mode():
+            x, codebook = torch.randn(2048, 16), torch.randn(1024, 16)
+            got = nearest_code(x, codebook)
+        assert torch.equal(got, torch.cdist(x, codebook).argmin(1))
+    finally:
+        torch.set_num_threads(threads)
