@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from PIL import Image
-from torch.utils.data import DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler
 
 from ddt_lightning.data.images import BadImageError, load_rgb, warn_bad_image
 
@@ -104,6 +104,21 @@ def train_sampler(trainer: Trainer | None, dataset: Sized, batch_size: int, seed
         done = trainer.global_step * trainer.accumulate_grad_batches - trainer.current_epoch * batches_per_epoch
         skip = min(max(done, 0), batches_per_epoch) * batch_size
     return ResumableSampler(dataset, num_replicas=world_size, rank=rank, seed=seed, skip=skip)
+
+
+def map_style_loader(datamodule: Any, dataset: Sized, train: bool) -> DataLoader:
+    """The DataLoader of every map-style DataModule here: the resumable seeded sampler for training (fixed order
+    otherwise) and `SkipBadCollate`, so unreadable items are dropped, counted and never crash a batch."""
+    batch_size = datamodule.batch_size
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=train_sampler(datamodule.trainer, dataset, batch_size, datamodule.seed) if train else None,
+        drop_last=train and len(dataset) >= batch_size,
+        num_workers=datamodule.num_workers,
+        persistent_workers=datamodule.num_workers > 0,
+        collate_fn=SkipBadCollate(datamodule.resolution),
+    )
 
 
 def check_loader_args(batch_size: int, num_workers: int) -> None:

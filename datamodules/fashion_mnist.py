@@ -18,7 +18,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from ddt_lightning.data.images import ImageTransform
-from ddt_lightning.datamodules.base import SkipBadCollate, check_loader_args, train_sampler
+from ddt_lightning.datamodules.base import check_loader_args, map_style_loader
 
 FASHION_MNIST_CLASSES: tuple[str, ...] = (
     "T-shirt/top",
@@ -132,16 +132,7 @@ class FashionMNISTDataModule(LightningDataModule):
     def _loader(self, split: str, train: bool) -> DataLoader:
         if split not in self.datasets:
             self.setup("fit" if train else None)
-        dataset = self.datasets[split]
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            sampler=train_sampler(self.trainer, dataset, self.batch_size, self.seed) if train else None,
-            drop_last=train,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            collate_fn=SkipBadCollate(self.resolution),
-        )
+        return map_style_loader(self, self.datasets[split], train)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", train=True)

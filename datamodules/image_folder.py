@@ -23,7 +23,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
 from ddt_lightning.data.images import ImageTransform
-from ddt_lightning.datamodules.base import SkipBadCollate, check_loader_args, rank_and_world_size, train_sampler
+from ddt_lightning.datamodules.base import SkipBadCollate, check_loader_args, map_style_loader, rank_and_world_size
 from ddt_lightning.datamodules.class_folder import ClassFolder, FileImages, scan_class_folder
 from ddt_lightning.datamodules.streaming import EpochDataLoader, WebDatasetImages, litdata_images, read_classes
 
@@ -102,16 +102,7 @@ class ImageFolderDataModule(LightningDataModule):
         transform = self.train_transform if train else self.eval_transform
         collate = SkipBadCollate(self.resolution)
         if self.backend == "folder":
-            dataset = FileImages(self._scan().splits[split], transform)
-            return DataLoader(
-                dataset,
-                batch_size=self.batch_size,
-                sampler=train_sampler(self.trainer, dataset, self.batch_size, self.seed) if train else None,
-                drop_last=train and len(dataset) >= self.batch_size,
-                num_workers=self.num_workers,
-                persistent_workers=self.num_workers > 0,
-                collate_fn=collate,
-            )
+            return map_style_loader(self, FileImages(self._scan().splits[split], transform), train)
         split_dir = self.root / split
         if self.backend == "webdataset":
             rank, world_size = rank_and_world_size(self.trainer)

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from ddt_lightning.data import world as world_module
 from ddt_lightning.data.images import uint8_to_tensor
 from ddt_lightning.data.world import World
-from ddt_lightning.datamodules.base import SkipBadCollate, check_loader_args, train_sampler
+from ddt_lightning.datamodules.base import check_loader_args, map_style_loader
 
 Split = Literal["train", "val", "test"]
 SPLIT_IDS: dict[str, int] = {"train": 0, "val": 1, "test": 2}
@@ -149,16 +149,7 @@ class WorldDataModule(LightningDataModule):
     def _loader(self, split: Split, train: bool) -> DataLoader:
         if split not in self.datasets:
             self.setup({"train": "fit", "val": "validate", "test": "test"}[split])
-        dataset = self.datasets[split]
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            sampler=train_sampler(self.trainer, dataset, self.batch_size, self.seed) if train else None,
-            drop_last=train and len(dataset) >= self.batch_size,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            collate_fn=SkipBadCollate(self.resolution),
-        )
+        return map_style_loader(self, self.datasets[split], train)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", train=True)
