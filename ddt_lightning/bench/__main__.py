@@ -2,6 +2,8 @@
 
 - `vq`: the quantizer's training forward against vector-quantize-pytorch and faiss (`ddt_lightning.bench.vq`).
 - `train`: tokenizer training throughput and model FLOP utilisation (`ddt_lightning.bench.train`).
+- `generate`: text-to-image sampling with classifier-free guidance against plain `model.generate`
+  (`ddt_lightning.bench.generate`).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import sys
 BENCHES = {
     "vq": "ddt_lightning.bench.vq",
     "train": "ddt_lightning.bench.train",
+    "generate": "ddt_lightning.bench.generate",
 }
 
 
