@@ -4,8 +4,10 @@ Batch contract (all DataModules, all backends):
 
 - `"image"`: float32 (B, 3, H, W) in [-1, 1], H = W = the DataModule's `resolution`;
 - `"label"`: long (B,), the class index, -1 when the data has no classes;
-- `"num_skipped"`: long scalar, how many items of this batch were dropped as bad images (log it);
-- optional extras: `"caption"` (list[str]) and `"index"` (long (B,)) for the built-in world.
+- `"num_skipped"`: long scalar, how many items of this batch were dropped as bad images (or, for image-text data,
+  pairs without a caption) - log it;
+- optional extras: `"caption"` (list[str]: the world, Fashion-MNIST, `ImageTextDataModule`), `"index"` (long (B,))
+  and, with `edits=True`, `"edit_source"`, `"edit_instruction"` (list[str]), `"edit_target"` for the built-in world.
 
 Bad input is never a crash and never a silent drop: a dataset returns None for an item it cannot decode, after a
 `BadImageWarning` naming the file and the reason; `SkipBadCollate` drops the Nones and counts them. A batch made

@@ -1,8 +1,9 @@
 """Listing a class-folder tree (ImageNet layout) and reading it as a map-style dataset; no Lightning here.
 
 `scan_class_folder` is shared by the folder backend of `ImageFolderDataModule` and by the converter, so the
-held-out validation split (when the tree has no `val/`) is the same set of files in every backend. It is
-Lightning-free because LitData's `optimize` spawns worker processes that import the converter.
+held-out validation split (when the tree has no `val/`) is the same set of files in every backend; `list_images`
+and `hold_out` serve image-text folders too (`pair_folder.py`). It is Lightning-free because LitData's `optimize`
+spawns worker processes that import the converter.
 """
 
 from __future__ import annotations
@@ -35,15 +36,38 @@ class ClassFolder:
     ignored: list[str]  # files skipped because no image plugin claims their extension
 
 
+def list_images(folder: Path, ignored: list[str], sidecars: frozenset[str] = frozenset()) -> list[Path]:
+    """Image files under `folder` (recursive, sorted, hidden files and folders left out). Other files are added to
+    `ignored`, except those whose extension is in `sidecars` (e.g. ".txt" captions beside the images)."""
+    files = sorted(
+        p for p in folder.rglob("*") if p.is_file() and not any(s.startswith(".") for s in p.relative_to(folder).parts)
+    )
+    ignored.extend(str(p) for p in files if p.suffix.lower() not in image_extensions() | sidecars)
+    return [p for p in files if p.suffix.lower() in image_extensions()]
+
+
+def hold_out(
+    train: list[tuple[str, int]], val_fraction: float, seed: int, train_dir: Path
+) -> tuple[list[tuple[str, int]], list[tuple[str, int]], str]:
+    """(train, val, val_source): a fixed `val_fraction` of `train` (a seeded permutation) held out as val."""
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1) to hold out val from {train_dir}, got {val_fraction}")
+    n_val = max(1, round(val_fraction * len(train)))
+    if n_val >= len(train):
+        raise ValueError(f"{train_dir}: {len(train)} images are too few to hold out {n_val} for validation")
+    held_out = set(np.random.default_rng(seed).permutation(len(train))[:n_val].tolist())
+    val = [entry for i, entry in enumerate(train) if i in held_out]
+    train = [entry for i, entry in enumerate(train) if i not in held_out]
+    return train, val, f"held-out {val_fraction} of {train_dir.name}/ (seed {seed})"
+
+
 def _list_split(split_dir: Path, classes: list[str], ignored: list[str]) -> list[tuple[str, int]]:
     entries: list[tuple[str, int]] = []
     for label, name in enumerate(classes):
         class_dir = split_dir / name
         if not class_dir.is_dir():
             continue  # a val/ tree may lack some classes
-        files = sorted(p for p in class_dir.rglob("*") if p.is_file() and not p.name.startswith("."))
-        images = [p for p in files if p.suffix.lower() in image_extensions()]
-        ignored.extend(str(p) for p in files if p.suffix.lower() not in image_extensions())
+        images = list_images(class_dir, ignored)
         if not images:
             raise ValueError(f"class folder {class_dir} holds no image files")
         entries.extend((str(p), label) for p in images)
@@ -70,15 +94,7 @@ def scan_class_folder(root: str | Path, val_fraction: float = 0.05, seed: int = 
             raise ValueError(f"{val_dir} has class folders that train/ lacks: {unknown}")
         val, val_source = _list_split(val_dir, classes, ignored), "val/"
     else:
-        if not 0.0 < val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in (0, 1) when {val_dir} is absent, got {val_fraction}")
-        n_val = max(1, round(val_fraction * len(train)))
-        if n_val >= len(train):
-            raise ValueError(f"{train_dir}: {len(train)} images are too few to hold out {n_val} for validation")
-        held_out = set(np.random.default_rng(seed).permutation(len(train))[:n_val].tolist())
-        val = [entry for i, entry in enumerate(train) if i in held_out]
-        train = [entry for i, entry in enumerate(train) if i not in held_out]
-        val_source = f"held-out {val_fraction} of train/ (seed {seed})"
+        train, val, val_source = hold_out(train, val_fraction, seed, train_dir)
     return ClassFolder(classes, {"train": train, "val": val}, val_source, ignored)
 
 

@@ -3,12 +3,14 @@
 design.md section 5: `apt-get install dataset-fashion-mnist` puts the four idx.gz files under
 `/usr/share/datasets/fashion-mnist/`. Train = the 60,000 training images; held-out data = the 10,000 t10k images:
 val is their first `val_size` (the file order is already random), test the first `test_size` (all by default).
-The grey 28x28 images become RGB at `resolution` through the same `ImageTransform` as every other backend.
+The grey 28x28 images become RGB at `resolution` through the same `ImageTransform` as every other backend. Batches
+also carry `caption`, the class name (`FASHION_MNIST_CLASSES`), for class-conditional training (design.md section 2).
 """
 
 from __future__ import annotations
 
 import gzip
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -71,19 +73,23 @@ def load_fashion_mnist(root: str | Path, split: str) -> tuple[np.ndarray, np.nda
 
 
 class GreyImages(Dataset):
-    """Grey uint8 images with labels, turned into RGB tensors by an `ImageTransform`."""
+    """Grey uint8 images with labels, turned into RGB tensors by an `ImageTransform`; captioned by class name."""
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, transform: ImageTransform) -> None:
+    def __init__(
+        self, images: np.ndarray, labels: np.ndarray, transform: ImageTransform, classes: Sequence[str]
+    ) -> None:
         self.images = images  # (N, h, w) uint8
         self.labels = labels  # (N,) int64
         self.transform = transform
+        self.classes = classes
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         image = Image.fromarray(self.images[index])  # 2-D uint8 -> mode "L"
-        return {"image": self.transform(image), "label": int(self.labels[index])}  # image: (3, R, R)
+        label = int(self.labels[index])
+        return {"image": self.transform(image), "label": label, "caption": self.classes[label]}  # image: (3, R, R)
 
 
 class FashionMNISTDataModule(LightningDataModule):
@@ -120,14 +126,14 @@ class FashionMNISTDataModule(LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit") and "train" not in self.datasets:
-            self.datasets["train"] = GreyImages(*load_fashion_mnist(self.root, "train"), self.train_transform)
+            self.datasets["train"] = GreyImages(
+                *load_fashion_mnist(self.root, "train"), self.train_transform, self.classes
+            )
         if "val" not in self.datasets:
             images, labels = load_fashion_mnist(self.root, "t10k")
             test_size = self.hparams.test_size or len(labels)
-            self.datasets["val"] = GreyImages(
-                images[: self.hparams.val_size], labels[: self.hparams.val_size], self.eval_transform
-            )
-            self.datasets["test"] = GreyImages(images[:test_size], labels[:test_size], self.eval_transform)
+            for split, size in (("val", self.hparams.val_size), ("test", test_size)):
+                self.datasets[split] = GreyImages(images[:size], labels[:size], self.eval_transform, self.classes)
 
     def _loader(self, split: str, train: bool) -> DataLoader:
         if split not in self.datasets:

@@ -16,16 +16,23 @@ worker with an equal sample budget per worker; litdata -> StreamingDataset / Str
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from ddt_lightning.data.images import ImageTransform
 from ddt_lightning.datamodules.base import SkipBadCollate, check_loader_args, map_style_loader, rank_and_world_size
 from ddt_lightning.datamodules.class_folder import ClassFolder, FileImages, scan_class_folder
-from ddt_lightning.datamodules.streaming import EpochDataLoader, WebDatasetImages, litdata_images, read_classes
+from ddt_lightning.datamodules.streaming import (
+    EpochDataLoader,
+    LitDataDecode,
+    WebDatasetImages,
+    litdata_images,
+    read_classes,
+)
 
 Backend = Literal["folder", "webdataset", "litdata"]
 
@@ -66,9 +73,13 @@ class ImageFolderDataModule(LightningDataModule):
 
     # -- classes and listing -------------------------------------------------------------------------------------
 
+    def _list(self) -> ClassFolder:
+        """The folder backend's listing (`ImageTextDataModule` lists image-text folders instead)."""
+        return scan_class_folder(self.root, self.hparams.val_fraction, self.seed)
+
     def _scan(self) -> ClassFolder:
         if self._folder is None:
-            self._folder = scan_class_folder(self.root, self.hparams.val_fraction, self.seed)
+            self._folder = self._list()
             if self._folder.ignored:
                 shown = ", ".join(self._folder.ignored[:5])
                 warnings.warn(
@@ -96,17 +107,29 @@ class ImageFolderDataModule(LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         _ = self.classes  # fail early, naming the path, when the root is missing or malformed
 
+    # -- readers (one per backend; `ImageTextDataModule` overrides them with captioned ones) ----------------------
+
+    def _file_dataset(self, entries: list[tuple[str, int]], transform: ImageTransform) -> Dataset:
+        return FileImages(entries, transform)
+
+    def _webdataset_reader(self) -> Callable[..., WebDatasetImages]:
+        """The WebDataset reader: `WebDatasetImages`, or a subclass (partially applied to its extra arguments)."""
+        return WebDatasetImages
+
+    def _litdata_decode(self, split_dir: Path, transform: ImageTransform) -> LitDataDecode:
+        return LitDataDecode(transform, str(split_dir))
+
     # -- loaders -------------------------------------------------------------------------------------------------
 
     def _loader(self, split: str, train: bool) -> DataLoader:
         transform = self.train_transform if train else self.eval_transform
         collate = SkipBadCollate(self.resolution)
         if self.backend == "folder":
-            return map_style_loader(self, FileImages(self._scan().splits[split], transform), train)
+            return map_style_loader(self, self._file_dataset(self._scan().splits[split], transform), train)
         split_dir = self.root / split
         if self.backend == "webdataset":
             rank, world_size = rank_and_world_size(self.trainer)
-            dataset = WebDatasetImages(
+            dataset = self._webdataset_reader()(
                 split_dir,
                 transform,
                 batch_size=self.batch_size,
@@ -122,7 +145,13 @@ class ImageFolderDataModule(LightningDataModule):
             epoch_source = (lambda: trainer.current_epoch) if trainer is not None else None
             return EpochDataLoader(dataset, num_workers=self.num_workers, epoch_source=epoch_source)
         dataset = litdata_images(
-            split_dir, transform, self.litdata_cache_dir / split, shuffle=train, drop_last=train, seed=self.seed
+            split_dir,
+            transform,
+            self.litdata_cache_dir / split,
+            shuffle=train,
+            drop_last=train,
+            seed=self.seed,
+            decode=self._litdata_decode(split_dir, transform),
         )
         from litdata import StreamingDataLoader  # imported here: only the litdata backend pays for it
 

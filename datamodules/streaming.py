@@ -9,6 +9,9 @@ Layout (written by `python -m ddt_lightning.datamodules.convert`), for each spli
 - litdata: `root/<split>/index.json` and chunks (LitData `optimize` output); an item is
   `{"image": bytes, "label": int, "path": str}`.
 
+Converted image-text pairs (`--layout pairs`) add the caption: a `txt` member (UTF-8) instead of `cls`, and a
+`"caption"` field in LitData items; `classes.json` then says `"layout": "pairs"` and lists no classes.
+
 Images stay encoded bytes and are decoded with PIL (`load_rgb`) by the same `ImageTransform` as the folder backend.
 
 **WebDataset under DDP.** Training splits shards first by rank, then by DataLoader worker
@@ -176,13 +179,16 @@ class WebDatasetImages(IterableDataset):
             if produced_this_pass == 0:
                 raise RuntimeError(f"webdataset shards {self.my_shards(worker)} yielded no samples")
 
-    def _decode(self, sample: dict[str, Any]) -> dict[str, Any] | None:
+    @staticmethod
+    def sample_name(sample: dict[str, Any]) -> str:
+        """`shard#key (source path)`, for warnings about a sample."""
         name = f"{sample.get('__url__', '?')}#{sample.get('__key__', '?')}"
-        if "path.txt" in sample:
-            name += f" ({sample['path.txt'].decode()})"
+        return name + f" ({sample['path.txt'].decode()})" if "path.txt" in sample else name
+
+    def _decode(self, sample: dict[str, Any]) -> dict[str, Any] | None:
         key = next((k for k in IMAGE_KEYS if k in sample), None)
         label = int(sample["cls"]) if "cls" in sample else -1
-        return decode_item(sample[key] if key else b"", label, name, self.transform)
+        return decode_item(sample[key] if key else b"", label, self.sample_name(sample), self.transform)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -235,9 +241,15 @@ class LitDataDecode:
 
 
 def litdata_images(
-    split_dir: str | Path, transform: ImageTransform, cache_dir: str | Path, shuffle: bool, drop_last: bool, seed: int
+    split_dir: str | Path,
+    transform: ImageTransform,
+    cache_dir: str | Path,
+    shuffle: bool,
+    drop_last: bool,
+    seed: int,
+    decode: LitDataDecode | None = None,
 ) -> Any:
-    """A `litdata.StreamingDataset` over a converted split, decoding with `LitDataDecode`."""
+    """A `litdata.StreamingDataset` over a converted split, decoding with `decode` (default `LitDataDecode`)."""
     from litdata import StreamingDataset  # imported here: only the litdata backend pays for it
 
     split_dir = Path(split_dir)
@@ -252,5 +264,5 @@ def litdata_images(
         shuffle=shuffle,
         drop_last=drop_last or None,  # None: litdata turns it on by itself in a distributed run
         seed=seed,
-        transform=LitDataDecode(transform, str(split_dir)),
+        transform=decode or LitDataDecode(transform, str(split_dir)),
     )

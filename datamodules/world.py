@@ -8,6 +8,10 @@ hash of the world's source code, so reruns load in well under a second and a cha
 
 Batches: `image` (B, 3, R, R) in [-1, 1], `label` all -1 (no classes), `caption` list[str], `index` long (B,) -
 the sample's index in its split, so that `dm.world(split).sample(index)` recovers the ground-truth scene and edit.
+With `edits=True` they also carry the edit triple of design.md section 2 (`<boi> src <eoi> instruction <boi> tgt
+<eoi>`): `edit_source` (= `image`), `edit_instruction` list[str] and `edit_target` (B, 3, R, R) in [-1, 1], the
+edited image - exactly `world(split).sample(index)`'s `edit_instruction` and `edited_image`. Edits render every
+scene twice (about 2x the time) and are cached in their own entries.
 """
 
 from __future__ import annotations
@@ -17,12 +21,14 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
 
 from ddt_lightning.data import world as world_module
 from ddt_lightning.data.images import uint8_to_tensor
@@ -34,25 +40,57 @@ SPLIT_IDS: dict[str, int] = {"train": 0, "val": 1, "test": 2}
 DEFAULT_CACHE_DIR = "~/.cache/ddt_lightning/world"
 
 
-class WorldImages(Dataset):
-    """Rendered world images and captions of one split, served from a (possibly memory-mapped) array."""
+@dataclass
+class Edits:
+    """The edits of a split: edited images (N, R, R, 3) uint8 and their instructions."""
 
-    def __init__(self, images: np.ndarray, captions: list[str]) -> None:
+    targets: np.ndarray
+    instructions: list[str]
+
+
+class WorldImages(Dataset):
+    """Rendered world images and captions (and edits) of one split, served from (possibly memory-mapped) arrays."""
+
+    def __init__(self, images: np.ndarray, captions: list[str], edits: Edits | None = None) -> None:
         if len(images) != len(captions):
             raise ValueError(f"{len(images)} images but {len(captions)} captions")
+        if edits is not None and not len(edits.targets) == len(edits.instructions) == len(images):
+            raise ValueError(
+                f"{len(images)} images but {len(edits.targets)} edit targets, {len(edits.instructions)} edits"
+            )
         self.images = images  # (N, R, R, 3) uint8
         self.captions = captions
+        self.edits = edits
 
     def __len__(self) -> int:
         return len(self.captions)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
+        image = uint8_to_tensor(self.images[index])  # (3, R, R)
+        item = {"image": image, "label": -1, "caption": self.captions[index], "index": index}
+        if self.edits is None:
+            return item
         return {
-            "image": uint8_to_tensor(self.images[index]),  # (3, R, R)
-            "label": -1,
-            "caption": self.captions[index],
-            "index": index,
+            **item,
+            "edit_source": image,
+            "edit_instruction": self.edits.instructions[index],
+            "edit_target": uint8_to_tensor(self.edits.targets[index]),  # (3, R, R)
         }
+
+
+def render_with_edits(world: World, size: int, progress: bool = True) -> tuple[np.ndarray, list[str], Edits]:
+    """Samples 0..size-1 of `world` with their edits: images, captions, and the edited images and instructions."""
+    r = world.resolution
+    images, targets = np.empty((2, size, r, r, 3), dtype=np.uint8)  # each (N, R, R, 3)
+    captions: list[str] = []
+    instructions: list[str] = []
+    desc = f"rendering world with edits (seed {world.seed}, {r}px)"
+    for i in tqdm(range(size), desc=desc, disable=not progress, mininterval=1.0, unit="img"):
+        sample = world.sample(i)
+        images[i], targets[i] = sample.image, sample.edited_image
+        captions.append(sample.caption)
+        instructions.append(sample.edit_instruction)
+    return images, captions, Edits(targets, instructions)
 
 
 class WorldDataModule(LightningDataModule):
@@ -69,6 +107,7 @@ class WorldDataModule(LightningDataModule):
         batch_size: int = 32,
         num_workers: int = 0,
         cache_dir: str | None = DEFAULT_CACHE_DIR,
+        edits: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -105,18 +144,25 @@ class WorldDataModule(LightningDataModule):
             "supersample": world.supersample,
             "size": self.sizes[split],
         }
+        if self.hparams.edits:  # only then: the entries of image-only runs keep their names
+            key["edits"] = True
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
         return self.cache_dir / f"{split}-{self.sizes[split]}-{self.resolution}px-{digest}"
 
-    def _render(self, split: Split) -> tuple[np.ndarray, list[str]]:
-        return self.world(split).render_range(0, self.sizes[split])
+    def _render(self, split: Split) -> WorldImages:
+        if self.hparams.edits:
+            return WorldImages(*render_with_edits(self.world(split), self.sizes[split]))
+        return WorldImages(*self.world(split).render_range(0, self.sizes[split]))
 
     def _write_cache(self, split: Split, path: Path) -> None:
-        images, captions = self._render(split)
+        data = self._render(split)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
-        np.save(tmp / "images.npy", images)
-        (tmp / "captions.json").write_text(json.dumps(captions))
+        np.save(tmp / "images.npy", data.images)
+        if data.edits is not None:
+            np.save(tmp / "edit_targets.npy", data.edits.targets)
+            (tmp / "edit_instructions.json").write_text(json.dumps(data.edits.instructions))
+        (tmp / "captions.json").write_text(json.dumps(data.captions))
         try:
             os.replace(tmp, path)  # atomic: readers see a complete entry or none
         except OSError:  # another process finished the same entry first
@@ -125,11 +171,16 @@ class WorldDataModule(LightningDataModule):
     def _load(self, split: Split) -> WorldImages:
         path = self.cache_path(split)
         if path is None:
-            return WorldImages(*self._render(split))
+            return self._render(split)
         if not (path / "captions.json").exists():
             self._write_cache(split, path)
-        images = np.load(path / "images.npy", mmap_mode="r")  # shared by DataLoader workers via the page cache
-        return WorldImages(images, json.loads((path / "captions.json").read_text()))
+        # Memory maps: shared by DataLoader workers via the page cache.
+        images = np.load(path / "images.npy", mmap_mode="r")
+        edits = None
+        if self.hparams.edits:
+            instructions = json.loads((path / "edit_instructions.json").read_text())
+            edits = Edits(np.load(path / "edit_targets.npy", mmap_mode="r"), instructions)
+        return WorldImages(images, json.loads((path / "captions.json").read_text()), edits)
 
     def prepare_data(self) -> None:
         # Runs on one process per node: render and cache here so that the other ranks only load.
