@@ -58,10 +58,14 @@ class DDTCLI(LightningCLI):
         export, trainer = self.config[self.subcommand].export_dir, self.trainer
         if export:
             if trainer.is_global_zero:
-                self.model.tokenizer.save_pretrained(export)
+                # A module with its own `save_pretrained` (the LLM: `export/lm/`) exports itself; the tokenizer
+                # module exports its DDTTokenizer.
+                own = hasattr(self.model, "save_pretrained")
+                (self.model if own else self.model.tokenizer).save_pretrained(export)
                 for logger in trainer.loggers:
                     if isinstance(logger, MLFlowLogger):
-                        logger.experiment.log_artifacts(logger.run_id, export, artifact_path="tokenizer")
+                        name = "llm" if own else "tokenizer"
+                        logger.experiment.log_artifacts(logger.run_id, export, artifact_path=name)
             trainer.strategy.barrier("export")
         return export
 

@@ -1,0 +1,474 @@
+"""LightningModule that trains DDT-LLaMA (design.md section 2; DDT paper, arXiv 2504.14666, section 4).
+
+It only wires: batch -> DDT codes (a frozen `DDTTokenizer` on the fly, or pre-tokenized `codes`) -> the configured
+`TokenOrder` (applied here, once) -> sequences of the drawn tasks (`sequences.py`) -> next-token loss of a Hugging
+Face causal LM (`lm.py`) over the multimodal vocabulary (`vocab.py`).
+
+Lifecycle: `setup()` gets the text tokenizer (loaded from `text_tokenizer_path`, or trained on the DataModule's
+captions, deterministic and cached) and the DDT tokenizer; `configure_model()` builds the LM (idempotent), so a
+sharding strategy (FSDP2) can wrap it. Checkpoints carry the multimodal vocabulary's files and hash (a resumed run
+gets the exact id space back) next to the LM and optimizer state; the DDT tokenizer is not a submodule, so it is
+neither in `state_dict` nor in the optimizer.
+
+Batch fields read: `image` (B, 3, H, W) in [-1, 1] (on the fly) or `codes` (B, T) long in DDT's own order
+(pretokenized); `caption: list[str]` (t2i, i2t); `label` (B,) with `class_names` (class); `edit_instruction:
+list[str]` and `edit_target` (B, 3, H, W) or `edit_target_codes` (B, T) (edit).
+
+Metrics: `train/loss` (mean over label tokens, as Hugging Face's loss), `train/loss_<task>`, `train/loss_image`;
+validation runs every active task on every sample (no null dropout) and logs `val/loss`, `val/loss_<task>`,
+`val/loss_image` (per visual token, `<eoi>` excluded) and `val/perplexity_text` = exp of the mean NLL of the i2t
+text span (caption tokens and `<eos>`).
+
+Export (`save_pretrained(dir)`):
+
+    dir/lm/            AutoModelForCausalLM.from_pretrained + AutoTokenizer.from_pretrained (offline)
+        config.json, generation_config.json, model.safetensors      the LM
+        tokenizer.json, tokenizer_config.json, ddt_vocab.json        the multimodal vocabulary and its id layout
+        ddt_llm.json                                                 token order, T, K: what sampling needs
+    dir/ddt_tokenizer/ the frozen DDT tokenizer (DDTTokenizer.save_pretrained), written by the export step that
+                       owns it, not by this module
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torchmetrics import Metric
+
+from ddt_lightning.mllm.lm import LMConfig, build_causal_lm
+from ddt_lightning.mllm.sequences import (
+    IGNORE_INDEX,
+    TASKS,
+    SequenceBatch,
+    TaskMix,
+    TokenOrder,
+    build_batch,
+    null_prompts,
+)
+from ddt_lightning.mllm.vocab import VOCAB_FILE, MultimodalVocab, load_text_tokenizer, train_text_tokenizer
+from ddt_lightning.tokenizer import CONFIG_NAME, DDTTokenizer
+
+# The typed config objects in `hyper_parameters` may be unpickled by `torch.load(weights_only=True)` (Lightning's
+# default for `fit(ckpt_path=...)`, and the CLI's hyperparameter read of `--ckpt_path`).
+torch.serialization.add_safe_globals([LMConfig, TokenOrder])
+
+DEFAULT_TEXT_CACHE = "~/.cache/ddt_lightning/text_tokenizers"
+LM_FOLDER = "lm"
+DDT_TOKENIZER_FOLDER = "ddt_tokenizer"
+EXPORT_CONFIG = "ddt_llm.json"
+CHECKPOINT_KEY = "mllm_vocab"
+# Batch fields each task needs (besides the image or its codes).
+TASK_FIELDS: dict[str, tuple[str, ...]] = {
+    "t2i": ("caption",),
+    "i2t": ("caption",),
+    "class": ("label",),
+    "edit": ("edit_instruction",),
+}
+
+
+class TokenNLL(Metric):
+    """Sums of token NLLs and token counts per key, summed across ranks: exact token-weighted means."""
+
+    full_state_update = False
+
+    def __init__(self, names: list[str]) -> None:
+        super().__init__()
+        self.names = names
+        self.add_state("nll", torch.zeros(len(names), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", torch.zeros(len(names), dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, nll: torch.Tensor, count: torch.Tensor) -> None:  # (K,), (K,)
+        self.nll += nll.double()
+        self.count += count.double()
+
+    def compute(self) -> dict[str, float]:
+        means = (self.nll / self.count.clamp(min=1)).tolist()
+        return {k: m for k, m, c in zip(self.names, means, self.count.tolist()) if c > 0}
+
+
+def warmup_cosine(warmup: int, total: int, min_ratio: float):
+    """Linear warm-up, then cosine decay to min_ratio x lr at the last step (a LambdaLR factor)."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+class MLLMModule(L.LightningModule):
+    def __init__(
+        self,
+        lm: LMConfig | None = None,
+        pretrained: str | None = None,
+        tokens: Literal["on_the_fly", "pretokenized"] = "on_the_fly",
+        tokenizer_path: str | None = None,
+        num_codes: int | None = None,
+        num_tokens: int | None = None,
+        text_tokenizer_path: str | None = None,
+        text_vocab_size: int = 512,
+        text_min_frequency: int = 2,
+        text_tokenizer_cache: str | None = DEFAULT_TEXT_CACHE,
+        max_text_tokens: int = 64,
+        pad_vocab_to_multiple_of: int = 64,
+        tasks: dict[str, float] | None = None,
+        p_null: float = 0.1,
+        token_order: TokenOrder | None = None,
+        class_names: list[str] | None = None,
+        lr: float = 1e-3,
+        min_lr_ratio: float = 0.1,
+        warmup_steps: int = 100,
+        weight_decay: float = 0.1,
+        betas: tuple[float, float] = (0.9, 0.95),
+        grad_clip_norm: float | None = 1.0,
+        seed: int = 0,
+    ) -> None:
+        """
+        Args:
+            lm: the Llama to build from scratch (default: the `tiny` preset); exclusive with `pretrained`.
+            pretrained: a local Hugging Face causal-LM folder to start from (its tokenizer: `text_tokenizer_path`).
+            tokens: `on_the_fly` encodes `image` with the frozen DDT tokenizer at `tokenizer_path`; `pretokenized`
+                reads `codes` (B, T) from the batch.
+            tokenizer_path: a DDT tokenizer export (`DDTTokenizer.save_pretrained`); gives K and T.
+            num_codes, num_tokens: K and T when there is no `tokenizer_path` (pretokenized); checked against it if
+                both are given.
+            text_tokenizer_path: a local Hugging Face tokenizer (or a saved multimodal vocabulary) to use instead
+                of training a byte-level BPE with `text_vocab_size` ids on the DataModule's captions.
+            text_tokenizer_cache: where trained text tokenizers are kept, keyed by a hash of the captions and
+                settings (None: train at every setup).
+            max_text_tokens: captions and instructions are cut to this many tokens.
+            pad_vocab_to_multiple_of: the LM's vocabulary is rounded up to a multiple of this (1: no padding).
+            tasks: task -> ratio of training sequences, over `t2i`, `i2t`, `edit`, `class` (default t2i only).
+            p_null: null-prompt dropout of the text condition of t2i, class and edit (guidance).
+            token_order: order of the visual tokens in sequences (`mode`, `shuffle`, `seed`).
+            class_names: label -> name for the class task (else the DataModule's `class_names`).
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        if lm is not None and pretrained is not None:
+            raise ValueError("model.init_args.lm and model.init_args.pretrained are exclusive: set one of them")
+        if tokens not in ("on_the_fly", "pretokenized"):
+            raise ValueError(f"tokens must be on_the_fly or pretokenized, got {tokens!r}")
+        if not 0 <= p_null < 1:
+            raise ValueError(f"p_null must be in [0, 1), got {p_null}")
+        if max_text_tokens < 1:
+            raise ValueError(f"max_text_tokens must be >= 1, got {max_text_tokens}")
+        self.lm_config = None if pretrained is not None else (lm or LMConfig())
+        self.mix = TaskMix(tasks or {"t2i": 1.0})
+        self.order = token_order or TokenOrder()
+        self.num_codes, self.num_tokens, self.image_size = self._image_token_shape()
+        self.vocab: MultimodalVocab | None = None  # set by setup(), or by on_load_checkpoint()
+        self.lm: torch.nn.Module | None = None  # built by configure_model()
+        self.ddt: DDTTokenizer | None = None  # frozen, loaded by setup(); not a registered submodule
+        self.class_names = list(class_names) if class_names is not None else None
+        keys = ["loss", "loss_image", *[f"loss_{task}" for task in self.mix.active]]
+        self.val_nll = TokenNLL(keys)
+        self.test_nll = TokenNLL(keys)
+
+    def _image_token_shape(self) -> tuple[int, int, int | None]:
+        """(K, T, image size) from the DDT tokenizer's config, or from num_codes / num_tokens."""
+        hp = self.hparams
+        if hp.tokenizer_path is None:
+            if hp.tokens == "on_the_fly":
+                raise ValueError("tokens = on_the_fly needs model.init_args.tokenizer_path (a DDT tokenizer export)")
+            for key in ("num_codes", "num_tokens"):
+                if hp[key] is None:
+                    raise ValueError(f"model.init_args.{key} is required with pretokenized codes and no tokenizer_path")
+            return hp.num_codes, hp.num_tokens, None
+        config_file = Path(hp.tokenizer_path).expanduser() / CONFIG_NAME
+        if not config_file.is_file():
+            raise FileNotFoundError(f"tokenizer_path: no DDT tokenizer export at {hp.tokenizer_path} ({CONFIG_NAME})")
+        config = json.loads(config_file.read_text())
+        found = {"num_codes": config["codebook_size"], "num_tokens": config["num_tokens"]}
+        for key, value in found.items():
+            if hp[key] is not None and hp[key] != value:
+                raise ValueError(f"model.init_args.{key} = {hp[key]}, but the DDT tokenizer's config says {value}")
+        return found["num_codes"], found["num_tokens"], config["image_size"]
+
+    # ------------------------------------------------------------------------------------------------ setup
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        resolution = getattr(datamodule, "resolution", None)
+        if self.hparams.tokens == "on_the_fly" and resolution is not None and resolution != self.image_size:
+            raise ValueError(
+                f"data resolution {resolution} does not fit the DDT tokenizer at {self.hparams.tokenizer_path} "
+                f"(image_size {self.image_size}): set data.init_args.resolution"
+            )
+        if self.class_names is None and datamodule is not None:
+            names = getattr(datamodule, "class_names", None) or getattr(datamodule, "classes", None)
+            self.class_names = list(names) if names else None
+        if "class" in self.mix.active and not self.class_names:
+            raise ValueError("the class task needs model.init_args.class_names (or a DataModule with class_names)")
+        if self.vocab is None:
+            self.vocab = self._make_vocab(datamodule)
+        if self.hparams.tokens == "on_the_fly" and self.ddt is None:
+            ddt = DDTTokenizer.from_pretrained(Path(self.hparams.tokenizer_path).expanduser())
+            object.__setattr__(self, "ddt", ddt.requires_grad_(False).eval())  # out of state_dict and optimizer
+
+    def _make_vocab(self, datamodule: Any = None) -> MultimodalVocab:
+        hp = self.hparams
+        if hp.text_tokenizer_path is not None:
+            path = Path(hp.text_tokenizer_path).expanduser()
+            if (path / VOCAB_FILE).is_file():  # an exported multimodal vocabulary: reuse its id layout as is
+                vocab = MultimodalVocab.from_pretrained(path)
+                if vocab.num_codes != self.num_codes:
+                    raise ValueError(
+                        f"text_tokenizer_path {path}: {vocab.num_codes} visual codes, not {self.num_codes}"
+                    )
+                return vocab
+            text_tokenizer = load_text_tokenizer(path)
+        else:
+            text_tokenizer = self._trained_text_tokenizer(self._training_texts(datamodule))
+        return MultimodalVocab(text_tokenizer, self.num_codes, hp.pad_vocab_to_multiple_of)
+
+    def _training_texts(self, datamodule: Any) -> list[str]:
+        """What the BPE is trained on: `datamodule.train_texts()` if it has one, else the world's train captions
+        (and edit instructions); plus the class names."""
+        texts: list[str] = []
+        datasets = getattr(datamodule, "datasets", None)
+        train = datasets.get("train") if isinstance(datasets, dict) else None
+        if hasattr(datamodule, "train_texts"):
+            texts = list(datamodule.train_texts())
+        elif hasattr(train, "captions"):
+            texts = list(train.captions)
+            texts += list(getattr(getattr(train, "edits", None), "instructions", None) or [])
+        texts += list(self.class_names or [])
+        if not texts:
+            raise ValueError(
+                "no captions to train the text tokenizer on: set model.init_args.text_tokenizer_path, or use a "
+                "DataModule with train_texts() (or datasets['train'].captions)"
+            )
+        return texts
+
+    def _trained_text_tokenizer(self, texts: list[str]):
+        """Train the BPE, or load it from the cache (keyed by the texts and settings; written atomically)."""
+        hp = self.hparams
+        if hp.text_tokenizer_cache is None:
+            return train_text_tokenizer(texts, hp.text_vocab_size, hp.text_min_frequency)
+        settings = {"vocab_size": hp.text_vocab_size, "min_frequency": hp.text_min_frequency, "version": 1}
+        digest = hashlib.sha256(json.dumps([settings, texts]).encode()).hexdigest()[:16]
+        path = Path(hp.text_tokenizer_cache).expanduser() / f"bpe-{hp.text_vocab_size}-{digest}"
+        if not (path / "tokenizer.json").is_file():
+            tokenizer = train_text_tokenizer(texts, hp.text_vocab_size, hp.text_min_frequency)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+            tokenizer.save_pretrained(str(tmp))
+            try:
+                os.replace(tmp, path)  # atomic: other ranks see a complete folder or none
+            except OSError:  # another rank wrote it first (same texts -> same tokenizer)
+                shutil.rmtree(tmp, ignore_errors=True)
+        return load_text_tokenizer(path)
+
+    def configure_model(self) -> None:
+        """Build the LM over the multimodal vocabulary (once). Without a vocabulary yet (`load_from_checkpoint`
+        calls this before `on_load_checkpoint`), wait for the checkpoint's."""
+        if self.lm is not None:
+            return
+        if self.vocab is None:
+            if self.hparams.text_tokenizer_path is None:
+                return
+            self.vocab = self._make_vocab()
+        self.lm = build_causal_lm(self.vocab.vocab_size, self.vocab.ids, self.lm_config, self.hparams.pretrained)
+
+    # ------------------------------------------------------------------------------------------- sequences
+    def _codes(self, batch: dict, with_targets: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """DDT codes (B, T) of the images (and of the edit targets), in DDT's own order."""
+        if self.hparams.tokens == "pretokenized":
+            keys = ("codes", "edit_target_codes") if with_targets else ("codes",)
+            missing = [key for key in keys if key not in batch]
+            if missing:
+                raise ValueError(f"tokens = pretokenized: the batch has no {missing} (it has {sorted(batch)})")
+            codes, targets = batch["codes"], batch.get("edit_target_codes") if with_targets else None
+        else:
+            if with_targets and "edit_target" not in batch:
+                raise ValueError(f"the edit task needs the batch field 'edit_target' (it has {sorted(batch)})")
+            images = torch.cat([batch["image"], batch["edit_target"]]) if with_targets else batch["image"]
+            if next(self.ddt.parameters()).device != self.device:
+                self.ddt.to(self.device)
+            both = self.ddt.encode(images)  # (B or 2B, T), no grad
+            codes, targets = both.chunk(2) if with_targets else (both, None)
+        if codes.shape[1] != self.num_tokens:
+            raise ValueError(f"got {codes.shape[1]} codes per image, expected T = {self.num_tokens}")
+        return codes, targets
+
+    def _texts(self, batch: dict, tasks: list[str]) -> list[list[int]]:
+        """Per row, the text ids its task conditions on or predicts."""
+        for task in sorted(set(tasks)):
+            missing = [key for key in TASK_FIELDS[task] if key not in batch]
+            if missing:
+                raise ValueError(
+                    f"task {task!r} (model.init_args.tasks) needs batch fields {missing}, got {list(batch)}"
+                )
+        labels = batch["label"].tolist() if "class" in tasks else None
+        texts = []
+        for row, task in enumerate(tasks):
+            if task == "class":
+                if not 0 <= labels[row] < len(self.class_names):
+                    raise ValueError(f"label {labels[row]} has no class name ({len(self.class_names)} class_names)")
+                texts.append(self.class_names[labels[row]])
+            else:
+                texts.append(batch["edit_instruction" if task == "edit" else "caption"][row])
+        return self.vocab.encode_text(texts, self.hparams.max_text_tokens)
+
+    def sequences(
+        self, batch: dict, tasks: list[str], null: list[bool] | None, generator: torch.Generator
+    ) -> SequenceBatch:
+        """The batch as sequences of the given tasks (design.md section 2), on the module's device."""
+        codes, targets = self._codes(batch, with_targets="edit" in tasks)
+        b = codes.shape[0]
+        both = codes if targets is None else torch.cat([codes, targets])  # (B or 2B, T)
+        # The one place the token order is applied (its inverse belongs to sampling, before DDT decoding).
+        ordered, _ = self.order.apply(both, generator)
+        visual = self.vocab.visual_id(ordered)  # (B or 2B, T) vocabulary ids
+        texts = self._texts(batch, tasks)
+        edit_targets = visual[b:] if targets is not None else None
+        return build_batch(self.vocab.ids, tasks, visual[:b], texts, null, edit_targets).to(self.device)
+
+    def token_nll(self, seq: SequenceBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token NLL (B, L) of the next token and its mask (B, L); Hugging Face's loss is their ratio."""
+        logits = self.lm(input_ids=seq.input_ids, attention_mask=seq.attention_mask).logits  # (B, L, V)
+        targets = F.pad(seq.labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # (B, L): position i predicts token i + 1
+        nll = F.cross_entropy(
+            logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
+        ).view_as(targets)  # (B, L), 0 where ignored
+        return nll, targets != IGNORE_INDEX
+
+    def _breakdown(self, seq: SequenceBatch, nll: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """{key: (NLL sum, token count)} per task and for visual-token labels, without host syncs."""
+        targets = F.pad(seq.labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # (B, L)
+        image = (targets >= self.vocab.visual_offset) & (targets < self.vocab.visual_end)  # (B, L)
+        parts = {"loss": mask, "loss_image": image}
+        for task in self.mix.active:
+            parts[f"loss_{task}"] = mask & (seq.task == TASKS.index(task))[:, None]  # (B, L)
+        return {key: torch.stack([(nll * m).sum(), m.sum()]) for key, m in parts.items()}
+
+    # --------------------------------------------------------------------------------------------- training
+    def _step_generator(self) -> torch.Generator:
+        # Tasks, null prompts and random token orders are a function of (seed, step, rank) alone (CPU generator:
+        # no device sync), so a resumed run draws exactly what the uninterrupted run drew.
+        seed = (self.hparams.seed * 1_000_003 + self.global_step) * 1_009 + self.global_rank
+        return torch.Generator().manual_seed(seed)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
+        b = len(batch["codes"] if self.hparams.tokens == "pretokenized" else batch["image"])
+        if "num_skipped" in batch:
+            self.log("data/skipped", batch["num_skipped"].float(), reduce_fx="sum", batch_size=max(b, 1))
+        if b == 0:  # every item of the batch was unreadable (counted above)
+            return None
+        generator = self._step_generator()
+        tasks = self.mix.draw(b, generator)
+        null = null_prompts(tasks, self.hparams.p_null, generator)
+        seq = self.sequences(batch, tasks, null, generator)
+        nll, mask = self.token_nll(seq)
+        parts = self._breakdown(seq, nll, mask)
+        loss = parts["loss"][0] / parts["loss"][1].clamp(min=1)
+        self.log("train/loss", loss, prog_bar=True, batch_size=b)
+        rows = {key: tasks.count(key.removeprefix("loss_")) for key in parts}  # known on the host: no sync
+        rows["loss_image"] = b - tasks.count("i2t")  # every other format has an image span in its labels
+        for key, (total, count) in parts.items():
+            if key != "loss" and rows[key]:
+                self.log(f"train/{key}", total / count.clamp(min=1), batch_size=rows[key])
+        return loss
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        decay, no_decay = [], []
+        for param in self.lm.parameters():
+            if param.requires_grad:
+                (decay if param.ndim >= 2 else no_decay).append(param)  # matrices and embeddings vs norms
+        groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas))
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        factor = warmup_cosine(min(hp.warmup_steps, total), total, hp.min_lr_ratio)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        clip = self.hparams.grad_clip_norm if gradient_clip_val is None else gradient_clip_val
+        if clip:
+            self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm="norm")
+
+    # ----------------------------------------------------------------------------------- validation / test
+    def _eval_step(self, metric: TokenNLL, batch: dict, batch_idx: int) -> None:
+        b = len(batch["codes"] if self.hparams.tokens == "pretokenized" else batch["image"])
+        if b == 0:
+            return
+        totals: dict[str, torch.Tensor] = {}
+        for index, task in enumerate(self.mix.active):  # every active task on every sample, conditional
+            generator = torch.Generator().manual_seed((self.hparams.seed * 100_003 + batch_idx) * 7 + index)
+            seq = self.sequences(batch, [task] * b, None, generator)
+            nll, mask = self.token_nll(seq)
+            for key, value in self._breakdown(seq, nll, mask).items():
+                totals[key] = totals.get(key, 0) + value
+        stacked = torch.stack([totals[key] for key in metric.names])  # (keys, 2): NLL sum, token count
+        metric.update(stacked[:, 0], stacked[:, 1])
+
+    def _log_eval(self, metric: TokenNLL, stage: str) -> dict[str, float]:
+        results = metric.compute()
+        metric.reset()
+        if "loss_i2t" in results:
+            results["perplexity_text"] = math.exp(min(results["loss_i2t"], 50.0))
+        for key, value in results.items():
+            self.log(f"{stage}/{key}", value, sync_dist=False)  # the metric already summed across ranks
+        return results
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(self.val_nll, batch, batch_idx)
+
+    def on_validation_epoch_end(self) -> None:
+        self.last_val_results = self._log_eval(self.val_nll, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(self.test_nll, batch, batch_idx)
+
+    def on_test_epoch_end(self) -> None:
+        self.last_test_results = self._log_eval(self.test_nll, "test")
+
+    # ------------------------------------------------------------------------------------------ persistence
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint[CHECKPOINT_KEY] = {"files": self.vocab.to_files(), "sha256": self.vocab.fingerprint()}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        saved = checkpoint.get(CHECKPOINT_KEY)
+        if saved is None:
+            raise ValueError(f"not a DDT-LLaMA checkpoint: no {CHECKPOINT_KEY!r} entry")
+        if self.vocab is None or self.vocab.fingerprint() != saved["sha256"]:
+            vocab = MultimodalVocab.from_files(saved["files"])  # the checkpoint's id space is the one trained
+            if self.lm is not None and vocab.vocab_size != self.vocab.vocab_size:
+                raise ValueError(
+                    f"the checkpoint's vocabulary has {vocab.vocab_size} ids, the model built here "
+                    f"{self.vocab.vocab_size}: resume with the text tokenizer the run started with"
+                )
+            self.vocab = vocab
+        self.configure_model()
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write `directory/lm/` (LM + multimodal tokenizer + `ddt_llm.json`); returns that folder."""
+        if self.lm is None or self.vocab is None:
+            raise RuntimeError("nothing to export: the LM has not been built (run setup and configure_model)")
+        folder = Path(directory) / LM_FOLDER
+        self.lm.save_pretrained(str(folder))
+        self.vocab.save_pretrained(folder)
+        config = {
+            "format": "ddt-llm/1",
+            "num_tokens": self.num_tokens,
+            "num_codes": self.num_codes,
+            "token_order": self.order.to_dict(),
+            "tasks": self.mix.ratios,
+            "p_null": self.hparams.p_null,
+            "ddt_tokenizer": f"../{DDT_TOKENIZER_FOLDER}",
+        }
+        (folder / EXPORT_CONFIG).write_text(json.dumps(config, indent=2))
+        return folder

@@ -1,0 +1,384 @@
+"""DDT-LLaMA (design.md section 2): the vocabulary and its saved form, the four sequence formats and their loss
+masks, the task mix, null-prompt dropout, the token order, the LightningModule (build, training, checkpoint, export)
+and one `ddt fit` run of configs/mllm/tiny.yaml."""
+
+import json
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from ddt_lightning.data.images import uint8_to_tensor
+from ddt_lightning.data.world import World
+from ddt_lightning.mllm.lm import LMConfig
+from ddt_lightning.mllm.sequences import (
+    IGNORE_INDEX,
+    TASKS,
+    SpecialIds,
+    TaskMix,
+    TokenOrder,
+    build_batch,
+    class_conditional,
+    edit,
+    image_to_text,
+    null_prompts,
+    text_to_image,
+)
+from ddt_lightning.mllm.vocab import MultimodalVocab, train_text_tokenizer
+from ddt_lightning.modules.mllm import MLLMModule
+from ddt_lightning.tokenizer import DDTTokenizer, TokenizerConfig
+
+REPO = Path(__file__).resolve().parents[1]
+MICRO_LM = LMConfig.preset("micro")  # hidden 64, 2 layers
+IDS = SpecialIds(pad=0, bos=1, eos=2, null=3, boi=4, eoi=5, visual_offset=100, num_codes=50)
+
+
+@pytest.fixture(scope="module")
+def captions() -> list[str]:
+    world = World(seed=0, resolution=8, supersample=1)
+    return [world.image_and_caption(i)[1] for i in range(200)]
+
+
+@pytest.fixture(scope="module")
+def ddt_dir(tmp_path_factory) -> Path:
+    """A tiny random DDT tokenizer export: 16x16 images, T = 8 tokens, K = 64 codes."""
+    torch.manual_seed(0)
+    config = TokenizerConfig(
+        image_size=16,
+        patch_size=4,
+        encoder_dim=32,
+        encoder_depth=1,
+        encoder_heads=2,
+        decoder_dim=32,
+        decoder_depth=1,
+        decoder_heads=2,
+        num_tokens=8,
+        codebook_size=64,
+        code_dim=8,
+    )
+    return DDTTokenizer(config).save_pretrained(tmp_path_factory.mktemp("ddt"))
+
+
+class Captions:
+    """The smallest DataModule stand-in the module's setup reads captions from."""
+
+    def __init__(self, texts: list[str]) -> None:
+        self.texts = texts
+
+    def train_texts(self) -> list[str]:
+        return self.texts
+
+
+def world_batch(n: int = 4, edits: bool = True) -> dict:
+    world = World(seed=1, resolution=16, supersample=1)
+    samples = [world.sample(i) for i in range(n)]
+
+    def images(arrays):
+        return torch.stack([uint8_to_tensor(a) for a in arrays])  # (B, 3, 16, 16) in [-1, 1]
+
+    batch = {"image": images([s.image for s in samples]), "caption": [s.caption for s in samples]}
+    batch["label"] = torch.full((n,), -1)
+    if edits:
+        batch["edit_instruction"] = [s.edit_instruction for s in samples]
+        batch["edit_target"] = images([s.edited_image for s in samples])
+    return batch
+
+
+def make_module(ddt_dir: Path, captions: list[str], **kwargs) -> MLLMModule:
+    args = dict(lm=MICRO_LM, tokenizer_path=str(ddt_dir), text_tokenizer_cache=None, warmup_steps=2) | kwargs
+    module = MLLMModule(**args)
+    module.vocab = module._make_vocab(Captions(captions))
+    module.setup("fit")  # loads the DDT tokenizer (the vocabulary is already there)
+    module.configure_model()
+    return module
+
+
+# --------------------------------------------------------------------------------------------------- vocabulary
+def test_bpe_is_deterministic_and_the_saved_vocab_reloads_with_auto_tokenizer(captions, tmp_path):
+    first, second = train_text_tokenizer(captions, 400), train_text_tokenizer(captions, 400)
+    assert first.backend_tokenizer.to_str() == second.backend_tokenizer.to_str()
+    assert len(first) <= 400 and first.decode(first(captions[0])["input_ids"]) == captions[0]
+
+    vocab = MultimodalVocab(first, num_codes=100)
+    vocab.save_pretrained(tmp_path)
+    auto = AutoTokenizer.from_pretrained(str(tmp_path), local_files_only=True)
+    assert auto(captions[:20], add_special_tokens=False)["input_ids"] == vocab.encode_text(captions[:20])
+    named = {"pad": auto.pad_token_id, "bos": auto.bos_token_id, "eos": auto.eos_token_id}
+    named |= {"null": auto.null_token_id, "boi": auto.boi_token_id, "eoi": auto.eoi_token_id}
+    assert named == {"pad": 0, "bos": 1, "eos": 2, "null": 3, "boi": 4, "eoi": 5}
+    assert auto.convert_tokens_to_ids(["<v0>", "<v99>"]) == [vocab.visual_offset, vocab.visual_offset + 99]
+    assert len(auto) == vocab.visual_end
+    ids = [vocab.ids.bos, vocab.ids.boi, vocab.visual_offset + 7, vocab.ids.eoi, *vocab.encode_text(["a red"])[0]]
+    assert auto.decode(ids) == "<bos><boi><v7><eoi>a red"
+    assert auto.decode(ids, skip_special_tokens=True) == "a red"
+    reloaded = MultimodalVocab.from_pretrained(tmp_path)
+    assert reloaded.fingerprint() == vocab.fingerprint() and reloaded.ids == vocab.ids
+    assert MultimodalVocab.from_files(vocab.to_files()).fingerprint() == vocab.fingerprint()
+
+
+def test_id_layout_visual_ids_above_text_and_padding_never_labelled(captions):
+    vocab = MultimodalVocab(train_text_tokenizer(captions, 400), num_codes=100, pad_to_multiple_of=64)
+    text_ids = {i for row in vocab.encode_text(captions) for i in row}
+    assert max(text_ids) < vocab.visual_offset and vocab.visual_offset == len(train_text_tokenizer(captions, 400))
+    assert max(vars(vocab.ids)[k] for k in ("pad", "bos", "eos", "null", "boi", "eoi")) < vocab.visual_offset
+    assert vocab.vocab_size % 64 == 0 and vocab.visual_end <= vocab.vocab_size < vocab.visual_end + 64
+    codes = torch.randint(0, 100, (3, 8))
+    assert torch.equal(vocab.codes(vocab.visual_id(codes)), codes)
+    span = vocab.image_span(8)  # what generation.py takes
+    assert (span.boi_id, span.eoi_id, span.visual_range) == (4, 5, range(vocab.visual_offset, vocab.visual_end))
+    # Every format's labels, with the extreme codes: real ids only, never the padding ids above visual_end.
+    images = vocab.visual_id(torch.tensor([[0] * 8, [99] * 8, [50] * 8, [99] * 8]))
+    texts = vocab.encode_text(captions[:4])
+    seq = build_batch(vocab.ids, list(TASKS), images, texts, None, images.flip(0))
+    labelled = seq.labels[seq.labels != IGNORE_INDEX]
+    assert labelled.max() < vocab.visual_end and labelled.min() >= 0
+    assert seq.input_ids.max() < vocab.visual_end
+
+
+def test_a_loaded_tokenizer_keeps_its_ids_and_gets_the_missing_tokens_appended(captions, tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    raw = Tokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.train_from_iterator(captions, trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>"]))
+    PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>").save_pretrained(tmp_path)
+    from ddt_lightning.mllm.vocab import load_text_tokenizer
+
+    text = load_text_tokenizer(tmp_path)
+    vocab = MultimodalVocab(text, num_codes=16)
+    size = len(text)
+    assert (vocab.ids.bos, vocab.ids.eos) == (0, 1)  # its own
+    assert sorted([vocab.ids.pad, vocab.ids.null, vocab.ids.boi, vocab.ids.eoi]) == list(range(size, size + 4))
+    assert vocab.visual_offset == size + 4 and vocab.encode_text(captions[:3]) == text(captions[:3])["input_ids"]
+    with pytest.raises(ValueError, match="already has visual tokens"):
+        MultimodalVocab(vocab.tokenizer, num_codes=16)
+
+
+# ------------------------------------------------------------------------------------------------------ formats
+def test_each_format_has_exactly_its_ids_and_loss_span():
+    cap, img, tgt, ins = [10, 11, 12], [100, 101, 102], [140, 141, 142], [20, 21]
+    x = IGNORE_INDEX
+    ids, labels = text_to_image(IDS, cap, img)
+    assert ids == [1, 10, 11, 12, 4, 100, 101, 102, 5] and labels == [x, x, x, x, x, 100, 101, 102, 5]
+    ids, labels = text_to_image(IDS, None, img)  # null prompt
+    assert ids == [1, 3, 4, 100, 101, 102, 5] and labels == [x, x, x, 100, 101, 102, 5]
+    assert class_conditional(IDS, [30], img) == text_to_image(IDS, [30], img)
+    ids, labels = image_to_text(IDS, img, cap)
+    assert ids == [1, 4, 100, 101, 102, 5, 10, 11, 12, 2] and labels == [x] * 6 + [10, 11, 12, 2]
+    ids, labels = edit(IDS, img, ins, tgt)
+    assert ids == [1, 4, 100, 101, 102, 5, 20, 21, 4, 140, 141, 142, 5]
+    assert labels == [x] * 9 + [140, 141, 142, 5]
+    assert edit(IDS, img, None, tgt)[0] == [1, 4, 100, 101, 102, 5, 3, 4, 140, 141, 142, 5]
+
+    # A batch: right padding with <pad>, -100 labels and a zero attention mask; null ignored for i2t.
+    images, targets = torch.tensor([img, img]), torch.tensor([tgt, tgt])
+    seq = build_batch(IDS, ["i2t", "t2i"], images, [cap, cap], [True, True], targets)
+    assert seq.input_ids.tolist() == [[1, 4, 100, 101, 102, 5, 10, 11, 12, 2], [1, 3, 4, 100, 101, 102, 5, 0, 0, 0]]
+    assert seq.labels[1].tolist() == [x, x, x, 100, 101, 102, 5, x, x, x]
+    assert seq.attention_mask.tolist() == [[1] * 10, [1] * 7 + [0] * 3]
+    assert seq.task.tolist() == [TASKS.index("i2t"), TASKS.index("t2i")]
+    with pytest.raises(ValueError, match="edit_targets"):
+        build_batch(IDS, ["edit"], images[:1], [ins], None, None)
+
+
+def test_task_mix_honours_ratios_and_names_bad_keys():
+    mix = TaskMix({"t2i": 6, "i2t": 3, "edit": 1, "class": 0})
+    assert mix.active == ("t2i", "i2t", "edit")
+    draws = mix.draw(20_000, torch.Generator().manual_seed(0))
+    for task, expected in (("t2i", 0.6), ("i2t", 0.3), ("edit", 0.1), ("class", 0.0)):
+        assert abs(draws.count(task) / len(draws) - expected) < 0.015, task
+    assert mix.draw(50, torch.Generator().manual_seed(3)) == mix.draw(50, torch.Generator().manual_seed(3))
+    with pytest.raises(ValueError, match=r"tasks\['txt2img'\]: unknown task"):
+        TaskMix({"t2i": 1, "txt2img": 1})
+    with pytest.raises(ValueError, match=r"tasks\['i2t'\]: the ratio must be a non-negative"):
+        TaskMix({"t2i": 1, "i2t": -0.5})
+    with pytest.raises(ValueError, match="sum to more than 0"):
+        TaskMix({"t2i": 0, "i2t": 0})
+    with pytest.raises(ValueError, match=r"tasks\['edit'\]"):
+        MLLMModule(num_codes=8, num_tokens=4, tokens="pretokenized", tasks={"t2i": 1, "edit": "x"})
+
+
+def test_null_prompt_dropout_rate_and_tasks():
+    tasks = ["t2i", "i2t", "edit", "class"] * 5_000
+    null = null_prompts(tasks, 0.1, torch.Generator().manual_seed(0))
+    for task in ("t2i", "edit", "class"):
+        rate = sum(n for t, n in zip(tasks, null) if t == task) / 5_000
+        assert abs(rate - 0.1) < 0.015, task
+    assert not any(n for t, n in zip(tasks, null) if t == "i2t")
+    assert not any(null_prompts(tasks, 0.0, torch.Generator().manual_seed(0)))
+
+
+# ------------------------------------------------------------------------------------------------- token order
+def test_token_order_modes_and_inverse():
+    codes = torch.arange(24).view(3, 8) * 10  # (B, T)
+    ordered, perm = TokenOrder("timestep").apply(codes)
+    assert torch.equal(ordered, codes)
+    ordered, _ = TokenOrder("reversed").apply(codes)
+    assert torch.equal(ordered, codes.flip(1))
+    fixed = TokenOrder("shuffled", "fixed", seed=5)
+    ordered, perm = fixed.apply(codes, torch.Generator().manual_seed(0))
+    assert (perm == perm[0]).all() and not torch.equal(perm[0], torch.arange(8))  # one permutation for all
+    assert torch.equal(fixed.apply(codes, torch.Generator().manual_seed(9))[0], ordered)  # the seed alone decides
+    assert not torch.equal(TokenOrder("shuffled", "fixed", seed=6).fixed_permutation(8), perm[0])
+    rand = TokenOrder("shuffled", "random")
+    r_ordered, r_perm = rand.apply(codes, torch.Generator().manual_seed(0))
+    assert len({tuple(p) for p in r_perm.tolist()}) == 3  # one per sequence
+    assert torch.equal(rand.invert(r_ordered, r_perm), codes)
+    for order in (TokenOrder("timestep"), TokenOrder("reversed"), fixed):
+        assert torch.equal(order.invert(order.apply(codes)[0]), codes)  # generated codes need no permutation
+    with pytest.raises(ValueError, match="needs the permutation"):
+        rand.invert(r_ordered)
+    with pytest.raises(ValueError, match=r"token_order\.mode"):
+        TokenOrder("zigzag")
+
+
+def test_the_module_applies_the_token_order_once(ddt_dir, captions, monkeypatch):
+    module = make_module(ddt_dir, captions, tasks={"edit": 1}, token_order=TokenOrder("reversed"))
+    batch = world_batch()
+    calls = []
+    apply = TokenOrder.apply
+    monkeypatch.setattr(TokenOrder, "apply", lambda self, *a, **k: calls.append(1) or apply(self, *a, **k))
+    seq = module.sequences(batch, ["edit"] * 4, None, torch.Generator())
+    assert len(calls) == 1  # source and target images in one call
+    codes = module.ddt.encode(batch["image"]).flip(1) + module.vocab.visual_offset  # (B, T) reversed
+    assert torch.equal(seq.input_ids[:, 2:10], codes)
+
+
+# ------------------------------------------------------------------------------------------------------ module
+def test_module_builds_once_trains_checkpoints_and_exports(ddt_dir, captions, tmp_path):
+    module = make_module(ddt_dir, captions, tasks={"t2i": 2, "i2t": 1, "edit": 1}, lr=3e-3)
+    lm = module.lm
+    module.configure_model()
+    assert module.lm is lm  # idempotent
+    assert not any(k.startswith("ddt") for k in module.state_dict())  # the frozen DDT tokenizer is not state
+    assert lm.get_input_embeddings().weight.shape[0] == module.vocab.vocab_size
+    with pytest.raises(ValueError, match="exclusive"):
+        MLLMModule(lm=MICRO_LM, pretrained="x", tokenizer_path=str(ddt_dir))
+
+    # The module's loss is Hugging Face's (mean over label tokens).
+    batch = world_batch()
+    seq = module.sequences(batch, ["t2i", "i2t", "edit", "t2i"], [True, False, False, False], torch.Generator())
+    nll, mask = module.token_nll(seq)
+    hf = lm(input_ids=seq.input_ids, attention_mask=seq.attention_mask, labels=seq.labels).loss
+    torch.testing.assert_close(nll.sum() / mask.sum(), hf)
+
+    # Overfit one fixed batch with the real optimizer, schedule and training_step.
+    losses = []
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            losses.append(float(outputs["loss"]))
+
+    trainer = L.Trainer(
+        max_steps=25,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        callbacks=[Record()],
+    )
+    trainer.fit(module, DataLoader([batch] * 25, batch_size=None))
+    assert losses[-1] < 0.6 * losses[0], losses
+    optimised = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
+    assert optimised == {id(p) for p in module.lm.parameters()}
+
+    # A checkpoint carries the vocabulary: load_from_checkpoint rebuilds the same id space and LM.
+    trainer.save_checkpoint(tmp_path / "last.ckpt")
+    restored = MLLMModule.load_from_checkpoint(tmp_path / "last.ckpt")
+    assert restored.vocab.fingerprint() == module.vocab.fingerprint()
+    module.eval()
+    with torch.no_grad():
+        expected = module.lm(input_ids=seq.input_ids, attention_mask=seq.attention_mask).logits
+        torch.testing.assert_close(
+            restored.lm(input_ids=seq.input_ids, attention_mask=seq.attention_mask).logits, expected
+        )
+
+    # Export: Auto* classes load the folder offline and compute the same logits; pretokenized codes agree.
+    folder = module.save_pretrained(tmp_path / "export")
+    assert folder == tmp_path / "export" / "lm"
+    auto_lm = AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True).eval()
+    auto_tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    with torch.no_grad():
+        torch.testing.assert_close(auto_lm(input_ids=seq.input_ids, attention_mask=seq.attention_mask).logits, expected)
+    assert auto_tok(batch["caption"], add_special_tokens=False)["input_ids"] == module.vocab.encode_text(
+        batch["caption"]
+    )
+    config = json.loads((folder / "ddt_llm.json").read_text())
+    assert config["token_order"] == {"mode": "timestep", "shuffle": "fixed", "seed": 0} and config["num_tokens"] == 8
+
+    pre = MLLMModule(lm=MICRO_LM, tokens="pretokenized", num_codes=64, num_tokens=8, text_tokenizer_cache=None)
+    pre.vocab = module.vocab
+    codes = module.ddt.encode(batch["image"])
+    pre_seq = pre.sequences({"codes": codes, "caption": batch["caption"]}, ["t2i"] * 4, None, torch.Generator())
+    assert torch.equal(pre_seq.input_ids, module.sequences(batch, ["t2i"] * 4, None, torch.Generator()).input_ids)
+    with pytest.raises(ValueError, match="needs batch fields \\['edit_instruction'\\]"):
+        module.sequences({k: v for k, v in batch.items() if k != "edit_instruction"}, ["edit"] * 4, None, None)
+
+
+def test_ddt_fit_runs_the_tiny_llm_config(ddt_dir, tmp_path, monkeypatch):
+    from ddt_lightning.cli import DDTCLI
+
+    monkeypatch.chdir(tmp_path)
+    overrides = {
+        "--trainer.max_steps": "3",
+        "--trainer.val_check_interval": "3",
+        "--trainer.log_every_n_steps": "1",
+        "--trainer.enable_model_summary": "false",
+        "--model.init_args.tokenizer_path": str(ddt_dir),
+        "--model.init_args.lm": json.dumps(vars(MICRO_LM)),
+        "--model.init_args.text_tokenizer_cache": str(tmp_path / "bpe"),
+        "--model.init_args.tasks": json.dumps({"t2i": 1, "i2t": 1, "edit": 1}),
+        "--data.init_args.resolution": "16",
+        "--data.init_args.train_size": "32",
+        "--data.init_args.val_size": "8",
+        "--data.init_args.test_size": "8",
+        "--data.init_args.batch_size": "8",
+        "--data.init_args.cache_dir": "null",
+        "--export_dir": "export",
+    }
+    args = ["fit", "--config", str(REPO / "configs" / "mllm" / "tiny.yaml")]
+    cli = DDTCLI(args=args + [item for pair in overrides.items() for item in pair])
+    assert cli.trainer.global_step == 3
+    metrics = cli.trainer.callback_metrics
+    expected = {"train/loss", "val/loss", "val/loss_t2i", "val/loss_i2t", "val/loss_edit", "val/loss_image"}
+    assert expected | {"val/perplexity_text"} <= set(metrics)
+    assert torch.isclose(metrics["val/perplexity_text"], metrics["val/loss_i2t"].exp(), rtol=1e-4)
+    assert AutoModelForCausalLM.from_pretrained("export/lm", local_files_only=True).config.vocab_size % 64 == 0
+    assert len(list((tmp_path / "bpe").iterdir())) == 1  # the trained BPE was cached
+
+
+def test_a_resumed_run_continues_exactly(ddt_dir, captions, tmp_path):
+    batches = [world_batch(4), world_batch(4)]  # an epoch of 2 steps, so the interruption is at an epoch's end
+    for batch, seed in zip(batches, (1, 2)):
+        batch["image"] = batch["image"].roll(seed, dims=-1)
+
+    def fit(steps: int, ckpt_path: Path | None = None) -> tuple[MLLMModule, L.Trainer]:
+        torch.manual_seed(0)
+        module = make_module(ddt_dir, captions, tasks={"t2i": 1, "i2t": 1, "edit": 1}, lr=3e-3)
+        trainer = L.Trainer(
+            max_steps=steps,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            limit_val_batches=0,
+        )
+        trainer.fit(module, DataLoader(batches, batch_size=None), ckpt_path=ckpt_path)
+        return module, trainer
+
+    reference, _ = fit(4)
+    _, interrupted = fit(2)
+    interrupted.save_checkpoint(tmp_path / "step2.ckpt")
+    checkpoint = torch.load(tmp_path / "step2.ckpt", weights_only=True)
+    assert {"tokenizer.json", "tokenizer_config.json", "ddt_vocab.json"} <= set(checkpoint["mllm_vocab"]["files"])
+    resumed, trainer = fit(4, tmp_path / "step2.ckpt")
+    assert trainer.global_step == 4
+    state, expected = resumed.state_dict(), reference.state_dict()
+    assert state.keys() == expected.keys()
+    for key in expected:
+        assert torch.equal(state[key], expected[key]), key
