@@ -2,6 +2,7 @@
 
 - `WorldDataModule`: the built-in compositional world (images, captions, ground-truth scenes);
 - `FashionMNISTDataModule`: Fashion-MNIST from the Debian package `dataset-fashion-mnist`;
+- `TokenShardsDataModule`: DDT token ids (+ captions, edits) written by `ddt pretokenize`, for the LLM stage;
 - `ImageFolderDataModule`: class-folder images from a folder, WebDataset shards or LitData chunks
   (`python -m ddt_lightning.datamodules.convert` makes the shards);
 - `ImageTextDataModule`: image-caption pairs (image + `.txt`) from the same three backends, or class-folder images
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
     from ddt_lightning.datamodules.image_folder import ImageFolderDataModule
     from ddt_lightning.datamodules.image_text import ImageTextDataModule
     from ddt_lightning.datamodules.pair_folder import MissingCaptionWarning
+    from ddt_lightning.datamodules.tokens import TokenShardsDataModule
     from ddt_lightning.datamodules.world import WorldDataModule
 
 _EXPORTS = {
@@ -34,6 +36,7 @@ _EXPORTS = {
     "ImageTextDataModule": "image_text",
     "MissingCaptionWarning": "pair_folder",
     "SkipBadCollate": "base",
+    "TokenShardsDataModule": "tokens",
     "WorldDataModule": "world",
     "scan_class_folder": "class_folder",
 }
@@ -44,6 +47,7 @@ __all__ = [
     "ImageTextDataModule",
     "MissingCaptionWarning",
     "SkipBadCollate",
+    "TokenShardsDataModule",
     "WorldDataModule",
     "scan_class_folder",
 ]

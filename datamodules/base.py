@@ -108,7 +108,9 @@ def train_sampler(trainer: Trainer | None, dataset: Sized, batch_size: int, seed
     return ResumableSampler(dataset, num_replicas=world_size, rank=rank, seed=seed, skip=skip)
 
 
-def map_style_loader(datamodule: Any, dataset: Sized, train: bool) -> DataLoader:
+def map_style_loader(
+    datamodule: Any, dataset: Sized, train: bool, collate_fn: Callable[[list], dict[str, Any]] | None = None
+) -> DataLoader:
     """The DataLoader of every map-style DataModule here: the resumable seeded sampler for training (fixed order
     otherwise) and `SkipBadCollate`, so unreadable items are dropped, counted and never crash a batch."""
     batch_size = datamodule.batch_size
@@ -119,7 +121,7 @@ def map_style_loader(datamodule: Any, dataset: Sized, train: bool) -> DataLoader
         drop_last=train and len(dataset) >= batch_size,
         num_workers=datamodule.num_workers,
         persistent_workers=datamodule.num_workers > 0,
-        collate_fn=SkipBadCollate(datamodule.resolution),
+        collate_fn=collate_fn or SkipBadCollate(datamodule.resolution),
     )
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import gzip
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from lightning.pytorch import LightningDataModule
@@ -148,3 +148,10 @@ class FashionMNISTDataModule(LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", train=False)
+
+    def eval_dataloader(self, split: Literal["train", "val", "test"]) -> DataLoader:
+        """`split` in a fixed order, without flips or a dropped tail (e.g. to tokenize a whole split once)."""
+        if split != "train":
+            return self._loader(split, train=False)
+        images, labels = load_fashion_mnist(self.root, "train")
+        return map_style_loader(self, GreyImages(images, labels, self.eval_transform, self.classes), train=False)

@@ -210,3 +210,7 @@ class WorldDataModule(LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", train=False)
+
+    def eval_dataloader(self, split: Split) -> DataLoader:
+        """`split` in a fixed order without a dropped tail (e.g. to tokenize a whole split once)."""
+        return self._loader(split, train=False)

@@ -1,4 +1,5 @@
-"""`ddt`: the Lightning CLI of ddt-lightning (`ddt fit|validate|test|predict --config ...`).
+"""`ddt`: the Lightning CLI of ddt-lightning (`ddt fit|validate|test|predict --config ...`), plus the commands
+of `COMMANDS` (`ddt pretokenize --config ...`).
 
 Modules, DataModules, callbacks, strategy and accelerator are chosen by config (`class_path` / `init_args`), so an
 ablation is a small override file (design.md section 3). Two run-level keys are added:
@@ -14,6 +15,7 @@ MLflow (`ddt_lightning.tracking.MLflowLogger`) is the default logger and the res
 
 from __future__ import annotations
 
+import importlib
 import json
 import sys
 
@@ -95,9 +97,20 @@ class DDTCLI(LightningCLI):
         print(json.dumps(summary), flush=True)
 
 
+# `ddt <command>` beside Lightning's fit/validate/test/predict: jsonargparse entry points of their own modules.
+COMMANDS = {
+    "pretokenize": "ddt_lightning.pretokenize",
+}
+
+
 def main(args=None) -> None:
+    argv = sys.argv[1:] if args is None else list(args)
     torch.set_float32_matmul_precision("high")
-    DDTCLI(args=args)
+    torch.set_flush_denormal(True)  # denormals in late training slow CPU matmuls severalfold
+    if argv and argv[0] in COMMANDS:
+        importlib.import_module(COMMANDS[argv[0]]).main(argv[1:])
+        return
+    DDTCLI(args=argv)
 
 
 if __name__ == "__main__":
