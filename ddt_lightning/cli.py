@@ -1,5 +1,6 @@
 """`ddt`: the Lightning CLI of ddt-lightning (`ddt fit|validate|test|predict --config ...`), plus the commands
-of `COMMANDS` (`ddt pretokenize --config ...`).
+of `COMMANDS`: `ddt pipeline --config ...`, `ddt pretokenize --config ...`,
+`ddt generate|caption|edit|evaluate --model EXPORT ...`.
 
 Modules, DataModules, callbacks, strategy and accelerator are chosen by config (`class_path` / `init_args`), so an
 ablation is a small override file (design.md section 3). Two run-level keys are added:
@@ -82,7 +83,8 @@ class DDTCLI(LightningCLI):
         self._report(self._export())
 
     def _report(self, export: str | None) -> None:
-        """Print where the run (and the export) are, then the held-out figures as the last line: one JSON object."""
+        """Print where the run (and the export) are, then the held-out figures as the last line: one JSON object
+        (kept as `self.summary`)."""
         if not self.trainer.is_global_zero:
             return
         results = self.model.last_test_results
@@ -90,16 +92,25 @@ class DDTCLI(LightningCLI):
             if isinstance(logger, MLflowLogger):
                 print(logger.describe())
         if export:
-            print(f"Exported tokenizer: {export} (load it with DDTTokenizer.from_pretrained({export!r}))")
-        summary = {key: results[key] for key in JSON_KEYS} | {"export": export}
-        summary |= {k: results[k] for k in ("ssim", "perplexity", "prefix_tokens", "rfid") if k in results}
+            print(f"Exported: {export}")
+        if all(key in results for key in JSON_KEYS):  # the tokenizer's figures, under the keys its issue gave them
+            summary = {key: results[key] for key in JSON_KEYS} | {"export": export}
+            summary |= {k: results[k] for k in ("ssim", "perplexity", "prefix_tokens", "rfid") if k in results}
+        else:
+            summary = dict(results) | {"export": export}
+        self.summary = summary
         sys.stdout.flush()
         print(json.dumps(summary), flush=True)
 
 
 # `ddt <command>` beside Lightning's fit/validate/test/predict: jsonargparse entry points of their own modules.
 COMMANDS = {
-    "pretokenize": "ddt_lightning.pretokenize",
+    "pipeline": "ddt_lightning.pipeline:main",
+    "pretokenize": "ddt_lightning.pretokenize:main",
+    "generate": "ddt_lightning.mllm.commands:main_generate",
+    "caption": "ddt_lightning.mllm.commands:main_caption",
+    "edit": "ddt_lightning.mllm.commands:main_edit",
+    "evaluate": "ddt_lightning.mllm.commands:main_evaluate",
 }
 
 
@@ -108,7 +119,8 @@ def main(args=None) -> None:
     torch.set_float32_matmul_precision("high")
     torch.set_flush_denormal(True)  # denormals in late training slow CPU matmuls severalfold
     if argv and argv[0] in COMMANDS:
-        importlib.import_module(COMMANDS[argv[0]]).main(argv[1:])
+        module, _, function = COMMANDS[argv[0]].partition(":")
+        getattr(importlib.import_module(module), function)(argv[1:])
         return
     DDTCLI(args=argv)
 

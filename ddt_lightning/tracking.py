@@ -17,7 +17,14 @@ DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
 
 def resolve_tracking_uri(tracking_uri: str | None = None) -> str:
-    return tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    """The store to log to; a relative SQLite path is made absolute (against the working directory) because mlflow
+    caches one SQLAlchemy engine per URI string: a second run in the same process from another directory would
+    otherwise write into the first directory's database."""
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/") and uri != prefix + ":memory:":
+        uri = prefix + os.path.abspath(uri[len(prefix) :])
+    return uri
 
 
 class MLflowLogger(MLFlowLogger):

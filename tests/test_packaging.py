@@ -24,9 +24,9 @@ def test_ci_runs_the_readme_test_command():
     assert "test-command" in (REPO / ".ci" / "run").read_text()  # .ci/run extracts and runs that very block
 
 
-def test_main_command_installs_and_runs_the_main_config():
+def test_main_command_installs_and_runs_the_pipeline():
     command = readme_block("main-command")
-    assert command.startswith("python3 -m venv") and command.endswith("ddt fit --config configs/main.yaml")
+    assert command.startswith("python3 -m venv") and command.endswith("ddt pipeline --config configs/pipeline.yaml")
     assert "torch==2.13.0" in command and "pip uninstall -y torchvision" in command
 
 
@@ -41,5 +41,5 @@ def test_a_wheel_installs_exactly_one_top_level_package(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     top = {name.split("/")[0] for name in names if not name.split("/")[0].endswith(".dist-info")}
     assert top == {"ddt_lightning"}
-    for module in ("datamodules/world.py", "callbacks/dead_code.py", "models/quantizer.py", "cli.py"):
+    for module in ("datamodules/world.py", "callbacks/dead_code.py", "models/quantizer.py", "mllm/model.py", "cli.py"):
         assert f"ddt_lightning/{module}" in names, module

@@ -4,7 +4,10 @@
   and K visual tokens (`MultimodalVocab`);
 - `sequences`: the four sequence formats with their loss masks, `TaskMix`, null-prompt dropout, `TokenOrder`;
 - `lm`: `LMConfig` size presets and `build_causal_lm` (a Hugging Face `LlamaForCausalLM`);
-- `generation`: KV-cache sampling with classifier-free guidance.
+- `generation`: KV-cache sampling with classifier-free guidance;
+- `model`: `DDTLlama`, the export folder as a model (text-to-image, captioning, editing);
+- `evaluate`: `evaluate_world`, GenEval-style, captioning and editing scores on the held-out world (section 4);
+- `commands`: the `ddt generate | caption | edit | evaluate` entry points.
 
 The exports are lazy (submodules import transformers); `ddt_lightning.modules.MLLMModule` trains the LM.
 """
@@ -15,11 +18,15 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from ddt_lightning.mllm.evaluate import evaluate_world
     from ddt_lightning.mllm.lm import LM_PRESETS, LMConfig, build_causal_lm
+    from ddt_lightning.mllm.model import DDTLlama
     from ddt_lightning.mllm.sequences import TASKS, SequenceBatch, SpecialIds, TaskMix, TokenOrder, build_batch
     from ddt_lightning.mllm.vocab import MultimodalVocab, load_text_tokenizer, train_text_tokenizer
 
 _EXPORTS = {
+    "DDTLlama": "model",
+    "evaluate_world": "evaluate",
     "LM_PRESETS": "lm",
     "LMConfig": "lm",
     "build_causal_lm": "lm",
@@ -36,6 +43,7 @@ _EXPORTS = {
 __all__ = [
     "LM_PRESETS",
     "TASKS",
+    "DDTLlama",
     "LMConfig",
     "MultimodalVocab",
     "SequenceBatch",
@@ -44,6 +52,7 @@ __all__ = [
     "TokenOrder",
     "build_batch",
     "build_causal_lm",
+    "evaluate_world",
     "load_text_tokenizer",
     "train_text_tokenizer",
 ]

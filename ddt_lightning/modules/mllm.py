@@ -455,7 +455,8 @@ class MLLMModule(L.LightningModule):
         self.configure_model()
 
     def save_pretrained(self, directory: str | Path) -> Path:
-        """Write `directory/lm/` (LM + multimodal tokenizer + `ddt_llm.json`); returns that folder."""
+        """Write `directory/lm/` (LM + multimodal tokenizer + `ddt_llm.json`) and, when `tokenizer_path` is set,
+        a copy of the DDT tokenizer in `directory/ddt_tokenizer/`: one folder to hand over. Returns `lm/`."""
         if self.lm is None or self.vocab is None:
             raise RuntimeError("nothing to export: the LM has not been built (run setup and configure_model)")
         folder = Path(directory) / LM_FOLDER
@@ -468,7 +469,13 @@ class MLLMModule(L.LightningModule):
             "token_order": self.order.to_dict(),
             "tasks": self.mix.ratios,
             "p_null": self.hparams.p_null,
+            "max_text_tokens": self.hparams.max_text_tokens,
             "ddt_tokenizer": f"../{DDT_TOKENIZER_FOLDER}",
         }
         (folder / EXPORT_CONFIG).write_text(json.dumps(config, indent=2))
+        source = self.hparams.tokenizer_path
+        if source:
+            target = Path(directory) / DDT_TOKENIZER_FOLDER
+            if Path(source).expanduser().resolve() != target.resolve():
+                shutil.copytree(Path(source).expanduser(), target, dirs_exist_ok=True)
         return folder

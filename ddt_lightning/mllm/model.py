@@ -1,0 +1,388 @@
+"""`DDTLlama`: the trained DDT-LLaMA as a user-facing model, from its export folder (design.md sections 2 and 4).
+
+    model = DDTLlama.from_pretrained("outputs/llm-tiny")
+    images = model.text_to_image(["a large red circle in the top left"], guidance=3.0)   # (B, 3, H, W) in [-1, 1]
+    texts = model.caption(images)                                                        # list[str]
+    edited = model.edit(images, ["make the red circle blue"])                           # (B, 3, H, W) in [-1, 1]
+
+Export layout (written by `MLLMModule.save_pretrained` and the export step that owns the DDT tokenizer):
+
+    export_dir/lm/             AutoModelForCausalLM + AutoTokenizer (offline); ddt_vocab.json (the id layout);
+                               ddt_llm.json (format, token order, T, K, the DDT tokenizer's relative path)
+    export_dir/ddt_tokenizer/  the frozen DDT tokenizer (`DDTTokenizer.save_pretrained`)
+
+Every prompt is the training sequence of its task (`sequences.py`) cut before its loss span, so generation sees
+exactly what training conditioned on: text-to-image `<bos> caption <boi>`, null `<bos> <null> <boi>`; captioning
+`<bos> <boi> v.. <eoi>`; editing `<bos> <boi> src.. <eoi> instruction <boi>`, null `... <eoi> <null> <boi>` (the
+instruction dropped, the source kept: the module's null-prompt dropout of edits). Visual tokens enter prompts in the
+trained `TokenOrder` and generated codes are put back into DDT's order (`TokenOrder.invert`) before DDT decoding;
+a `shuffled` order with `shuffle: random` cannot be inverted, so such a model can caption but not draw.
+
+Sampling (`generation.py`): KV cache, exactly T visual codes per image, batched classifier-free guidance on logits;
+captions forbid every id that is not text. Everything is batched and, given a `torch.Generator`, deterministic (the
+generator drives the LM's draws and the DDT decoder's noise, batch after batch). Pure PyTorch and transformers.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from ddt_lightning.mllm.generation import ImageSpan, generate_image_tokens, generate_text
+from ddt_lightning.mllm.sequences import IGNORE_INDEX, Example, TokenOrder, edit, image_to_text, text_to_image
+from ddt_lightning.mllm.vocab import MultimodalVocab
+from ddt_lightning.tokenizer import CONFIG_NAME, DDTTokenizer
+
+# The export's names; `MLLMModule` (a Lightning module, not imported here) writes the same ones.
+LM_FOLDER = "lm"
+DDT_TOKENIZER_FOLDER = "ddt_tokenizer"
+EXPORT_CONFIG = "ddt_llm.json"
+EXPORT_FORMAT = "ddt-llm/1"
+DEFAULT_DECODE_STEPS = 8  # TokenizerModule's `sampler_steps` default (configs/main.yaml), the decoder it was judged by
+DEFAULT_MAX_TEXT_TOKENS = 64  # MLLMModule's `max_text_tokens` default: captions and instructions are cut to this
+
+
+def prompt_of(example: Example) -> list[int]:
+    """The prompt of a training sequence: its input ids before the first labelled position (the loss span)."""
+    ids, labels = example
+    start = next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), len(ids))
+    return ids[:start]
+
+
+def _chunks(n: int, size: int) -> list[slice]:
+    if size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {size}")
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+def _bar(chunks: list[slice], desc: str, progress: bool) -> Iterator[slice]:
+    return iter(tqdm(chunks, desc=desc, file=sys.stderr, disable=not progress or len(chunks) == 0, unit="batch"))
+
+
+class DDTLlama:
+    """DDT-LLaMA for inference: the causal LM, its multimodal vocabulary, the token order and the DDT tokenizer.
+
+    Args:
+        lm: a Hugging Face causal LM over `vocab` (its logits may be wider: padded ids are never sampled).
+        vocab: the multimodal vocabulary the LM was trained with.
+        ddt: the frozen DDT tokenizer whose codes the LM models (K = its codebook size, T = its tokens).
+        token_order: the order the visual tokens had in training sequences (`ddt_llm.json`).
+        max_text_tokens: captions and instructions are cut to this many tokens, as in training.
+        decode_steps: default Euler steps of the DDT decoder.
+    """
+
+    def __init__(
+        self,
+        lm: PreTrainedModel,
+        vocab: MultimodalVocab,
+        ddt: DDTTokenizer,
+        token_order: TokenOrder | None = None,
+        max_text_tokens: int = DEFAULT_MAX_TEXT_TOKENS,
+        decode_steps: int = DEFAULT_DECODE_STEPS,
+    ) -> None:
+        if vocab.num_codes != ddt.config.codebook_size:
+            raise ValueError(
+                f"the vocabulary has K = {vocab.num_codes} visual tokens, the DDT tokenizer "
+                f"{ddt.config.codebook_size} codes: the LM was trained on another tokenizer's codes"
+            )
+        width = self._logits_width(lm)
+        if width < vocab.visual_end:
+            raise ValueError(f"the LM has {width} output ids, the vocabulary's visual ids reach {vocab.visual_end}")
+        if max_text_tokens < 1 or decode_steps < 1:
+            raise ValueError(f"max_text_tokens and decode_steps must be >= 1, got {max_text_tokens}, {decode_steps}")
+        self.lm = lm.eval()
+        self.vocab = vocab
+        self.ddt = ddt.requires_grad_(False).eval()
+        self.order = token_order or TokenOrder()
+        self.max_text_tokens = max_text_tokens
+        self.decode_steps = decode_steps
+        self.logits_width = width
+        self.span: ImageSpan = vocab.image_span(ddt.config.num_tokens)
+
+    @staticmethod
+    def _logits_width(lm: PreTrainedModel) -> int:
+        head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
+        return int(head.weight.shape[0]) if head is not None else int(lm.config.vocab_size)
+
+    # ------------------------------------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(
+        cls,
+        export_dir: str | Path,
+        tokenizer_path: str | Path | None = None,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> DDTLlama:
+        """Load an export folder (or its `lm/` folder itself), offline.
+
+        The DDT tokenizer comes from `tokenizer_path` if given, else from the path `ddt_llm.json` records (relative
+        to `lm/`: `../ddt_tokenizer`). `ddt_llm.json` may also carry `max_text_tokens` and `decode_steps`.
+        """
+        root = Path(export_dir).expanduser()
+        if not root.is_dir():
+            raise FileNotFoundError(f"no DDT-LLaMA export at {root}: the folder does not exist")
+        lm_dir = root if (root / EXPORT_CONFIG).is_file() else root / LM_FOLDER
+        config_file = lm_dir / EXPORT_CONFIG
+        if not config_file.is_file():
+            raise FileNotFoundError(
+                f"no DDT-LLaMA export at {root}: {root / LM_FOLDER / EXPORT_CONFIG} is missing "
+                "(write one with `ddt fit --config configs/mllm/tiny.yaml --export_dir DIR`)"
+            )
+        config = json.loads(config_file.read_text())
+        if config.get("format") != EXPORT_FORMAT:
+            raise ValueError(f"{config_file}: unknown format {config.get('format')!r}, expected {EXPORT_FORMAT}")
+        order = TokenOrder(**config["token_order"])
+
+        ddt_dir = Path(tokenizer_path).expanduser() if tokenizer_path is not None else None
+        if ddt_dir is None:
+            ddt_dir = (lm_dir / config.get("ddt_tokenizer", f"../{DDT_TOKENIZER_FOLDER}")).resolve()
+        if not (ddt_dir / CONFIG_NAME).is_file():
+            raise FileNotFoundError(
+                f"no DDT tokenizer at {ddt_dir} ({CONFIG_NAME} is missing): copy the tokenizer export the LM was "
+                f"trained with there (DDTTokenizer.save_pretrained), or pass tokenizer_path"
+            )
+        ddt = DDTTokenizer.from_pretrained(ddt_dir)
+        for key, value in (("num_tokens", ddt.config.num_tokens), ("num_codes", ddt.config.codebook_size)):
+            if config[key] != value:
+                raise ValueError(f"{config_file} says {key} = {config[key]}, the DDT tokenizer at {ddt_dir} {value}")
+
+        vocab = MultimodalVocab.from_pretrained(lm_dir)
+        lm = AutoModelForCausalLM.from_pretrained(str(lm_dir), local_files_only=True, dtype=dtype)
+        model = cls(
+            lm,
+            vocab,
+            ddt,
+            order,
+            max_text_tokens=int(config.get("max_text_tokens", DEFAULT_MAX_TEXT_TOKENS)),
+            decode_steps=int(config.get("decode_steps", DEFAULT_DECODE_STEPS)),
+        )
+        return model.to(device)
+
+    def to(self, device: str | torch.device) -> DDTLlama:
+        self.lm.to(device)
+        self.ddt.to(device)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.lm.parameters()).device
+
+    @property
+    def resolution(self) -> int:
+        """Image size in pixels the DDT tokenizer encodes and decodes."""
+        return self.ddt.config.image_size
+
+    @property
+    def num_tokens(self) -> int:
+        return self.span.num_tokens
+
+    def __repr__(self) -> str:
+        return (
+            f"DDTLlama({type(self.lm).__name__}, {self.vocab!r}, T = {self.num_tokens}, {self.resolution} px, "
+            f"token order {self.order.to_dict()})"
+        )
+
+    # ------------------------------------------------------------------------------------------------ prompts
+    def _text(self, texts: Sequence[str]) -> list[list[int]]:
+        return self.vocab.encode_text(texts, self.max_text_tokens)
+
+    def _visual_rows(self, codes: torch.Tensor, generator: torch.Generator | None) -> list[list[int]]:
+        """Codes (B, T) in DDT's order -> visual ids in the trained token order, one list per row."""
+        ordered, _ = self.order.apply(codes, generator)  # a random order draws a permutation, as in training
+        return self.vocab.visual_id(ordered).tolist()
+
+    def text_to_image_prompts(self, captions: Sequence[str] | None) -> list[list[int]]:
+        """`<bos> caption <boi>` per caption; None gives the one null prompt `<bos> <null> <boi>`."""
+        ids = self.vocab.ids
+        if captions is None:
+            return [prompt_of(text_to_image(ids, None, []))]
+        return [prompt_of(text_to_image(ids, text, [])) for text in self._text(captions)]
+
+    def caption_prompts(self, codes: torch.Tensor, generator: torch.Generator | None = None) -> list[list[int]]:
+        """`<bos> <boi> v.. <eoi>` per image of codes (B, T) in DDT's order."""
+        return [prompt_of(image_to_text(self.vocab.ids, row, [])) for row in self._visual_rows(codes, generator)]
+
+    def edit_prompts(
+        self, codes: torch.Tensor, instructions: Sequence[str] | None, generator: torch.Generator | None = None
+    ) -> list[list[int]]:
+        """`<bos> <boi> src.. <eoi> instruction <boi>` per source (B, T); instructions None: `<null>` for each."""
+        rows = self._visual_rows(codes, generator)
+        texts = self._text(instructions) if instructions is not None else [None] * len(rows)
+        return [prompt_of(edit(self.vocab.ids, row, text, [])) for row, text in zip(rows, texts)]
+
+    # -------------------------------------------------------------------------------------------------- codes
+    def _check_images(self, images: torch.Tensor) -> torch.Tensor:
+        r = self.resolution
+        if not isinstance(images, torch.Tensor) or images.ndim != 4 or tuple(images.shape[1:]) != (3, r, r):
+            shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+            raise ValueError(f"images must be a (B, 3, {r}, {r}) tensor (the DDT tokenizer's size), got {shape}")
+        if images.is_floating_point() and images.numel() and float(images.abs().max()) > 1.0 + 1e-3:
+            raise ValueError("images must be in [-1, 1] (ddt_lightning.data.images.uint8_to_tensor)")
+        return images.to(self.device, torch.float32)
+
+    def _check_sampling(self) -> None:
+        if self.order.is_random:
+            raise ValueError(
+                "this model was trained with token_order shuffle = random: its generated codes cannot be put back "
+                "into DDT's order (the permutation is never seen), so it cannot generate images; use a timestep, "
+                "reversed or fixed-shuffle model"
+            )
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, R, R) in [-1, 1] -> DDT codes (B, T) in DDT's own order."""
+        return self.ddt.encode(self._check_images(images))
+
+    def decode(
+        self,
+        codes: torch.Tensor,
+        steps: int | None = None,
+        guidance: float = 1.0,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """DDT codes (B, T) in DDT's order -> images (B, 3, R, R) in [-1, 1] (the DDT decoder's Euler sampler)."""
+        return self.ddt.decode(
+            codes.to(self.device), steps=steps or self.decode_steps, guidance=guidance, generator=generator
+        )
+
+    def reconstruct(
+        self,
+        images: torch.Tensor,
+        steps: int | None = None,
+        guidance: float = 1.0,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """encode -> decode: the best an LM that emits the right codes can draw (evaluation ceilings)."""
+        return self.decode(self.encode(images), steps, guidance, generator)
+
+    def generate_codes(
+        self,
+        cond: list[list[int]],
+        uncond: list[list[int]] | None,
+        guidance: float = 3.0,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """One image span per prompt (each ending with `<boi>`): codes (B, T) put back into DDT's order."""
+        self._check_sampling()
+        ordered = generate_image_tokens(
+            self.lm,
+            cond,
+            uncond if float(guidance) != 1.0 else None,
+            self.span,
+            guidance=guidance,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            generator=generator,
+        )  # (B, T) codes in the LM's order
+        return self.order.invert(ordered)  # (B, T) in DDT's order, for the decoder
+
+    # ------------------------------------------------------------------------------------------------- tasks
+    @torch.inference_mode()
+    def text_to_image(
+        self,
+        prompts: Sequence[str],
+        guidance: float = 3.0,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        decode_steps: int | None = None,
+        decode_guidance: float = 1.0,
+        generator: torch.Generator | None = None,
+        batch_size: int = 16,
+        progress: bool = False,
+    ) -> torch.Tensor:
+        """Images (B, 3, R, R) in [-1, 1] for captions, with guidance `s` against the null prompt (s = 1: none)."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts:
+            raise ValueError("text_to_image needs at least one prompt")
+        self._check_sampling()
+        null = self.text_to_image_prompts(None)
+        images = []
+        for part in _bar(_chunks(len(prompts), batch_size), "text-to-image", progress):
+            codes = self.generate_codes(
+                self.text_to_image_prompts(prompts[part]), null, guidance, temperature, top_k, top_p, generator
+            )
+            images.append(self.decode(codes, decode_steps, decode_guidance, generator))
+        return torch.cat(images)  # (B, 3, R, R)
+
+    @torch.inference_mode()
+    def caption(
+        self,
+        images: torch.Tensor,
+        max_new_tokens: int = DEFAULT_MAX_TEXT_TOKENS,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        generator: torch.Generator | None = None,
+        batch_size: int = 32,
+        progress: bool = False,
+    ) -> list[str]:
+        """A caption per image (B, 3, R, R) in [-1, 1]; greedy unless `do_sample`. Only text ids can be emitted."""
+        images = self._check_images(images)
+        ids = self.vocab.ids
+        # Every id from <v0> to the end of the logits is visual or padding; the specials are not text either.
+        non_text = range(self.vocab.visual_offset, self.logits_width)
+        specials = (ids.boi, ids.eoi, ids.null, ids.pad, ids.bos)
+        captions: list[str] = []
+        for part in _bar(_chunks(images.shape[0], batch_size), "captions", progress):
+            prompts = self.caption_prompts(self.ddt.encode(images[part]), generator)
+            seeded = do_sample and generator is not None
+            with torch.random.fork_rng(devices=[], enabled=seeded):
+                if seeded:  # model.generate draws from the global RNG: seed it from `generator`, then restore it
+                    torch.manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
+                rows = generate_text(
+                    self.lm,
+                    prompts,
+                    ids.eos,
+                    max_new_tokens,
+                    non_text,
+                    forbid_ids=specials,
+                    do_sample=do_sample,
+                    temperature=temperature,
+                    top_k=top_k,
+                    top_p=top_p,
+                )
+            captions += self.vocab.decode_text(rows)
+        return captions
+
+    @torch.inference_mode()
+    def edit(
+        self,
+        images: torch.Tensor,
+        instructions: str | Sequence[str],
+        guidance: float = 3.0,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        decode_steps: int | None = None,
+        decode_guidance: float = 1.0,
+        generator: torch.Generator | None = None,
+        batch_size: int = 16,
+        progress: bool = False,
+    ) -> torch.Tensor:
+        """Edited images (B, 3, R, R) in [-1, 1] of sources (B, 3, R, R) and instructions (one, or one per image);
+        guidance `s` on the instruction (the null prompt keeps the source and drops the instruction)."""
+        images = self._check_images(images)
+        b = images.shape[0]
+        instructions = [instructions] * b if isinstance(instructions, str) else list(instructions)
+        if len(instructions) != b:
+            raise ValueError(f"{len(instructions)} instructions for {b} images (give one, or one per image)")
+        self._check_sampling()
+        out = []
+        for part in _bar(_chunks(b, batch_size), "edits", progress):
+            sources = self.ddt.encode(images[part])  # (b, T) in DDT's order
+            cond = self.edit_prompts(sources, instructions[part], generator)
+            uncond = self.edit_prompts(sources, None, generator) if float(guidance) != 1.0 else None
+            codes = self.generate_codes(cond, uncond, guidance, temperature, top_k, top_p, generator)
+            out.append(self.decode(codes, decode_steps, decode_guidance, generator))
+        return torch.cat(out)  # (B, 3, R, R)

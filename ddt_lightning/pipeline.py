@@ -1,0 +1,188 @@
+"""`ddt pipeline --config configs/pipeline.yaml`: the whole DDT-LLaMA pipeline on the built-in world, in one process.
+
+design.md sections 1-2 and 4, stage by stage, all in one MLflow experiment, each with its progress bar:
+
+1. **tokenizer** - `ddt fit --config <tokenizer>`: train the DDT tokenizer, export it, evaluate it on held-out images;
+2. **pretokenize** - `ddt pretokenize --config <pretokenize>`: encode the world's images and edit targets once;
+3. **llm** - `ddt fit --config <llm>`: train DDT-LLaMA on those shards, export the LM + tokenizers as one folder;
+4. **evaluate** - `ddt evaluate`: GenEval-style, captioning and editing scores on held-out prompts and images.
+
+A stage whose output already exists for the same inputs is reused, not recomputed, and the pipeline says so: the
+tokenizer and LLM exports carry a `stage.json` with the digest of their config files (and, for the LLM, of the
+tokenizer and the shards it read) and the figures the stage reported; the shards carry their own manifest
+(`ddt_lightning/pretokenize.py`). The last line of standard output is one JSON object: the tokenizer's held-out
+figures (`psnr_onestep`, `psnr_sampler`, `sampler_steps`, `usage`, `prefix_psnr`; its folder as
+`tokenizer_export`), the LLM's held-out scores (`geneval_overall`, `caption_accuracy`, `edit_success`, ...), and
+`export`, the folder that holds the LM, its tokenizer and the DDT tokenizer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+STAGE_FILE = "stage.json"
+TOKENIZER_KEYS = ("psnr_onestep", "psnr_sampler", "sampler_steps", "usage", "prefix_psnr", "ssim")
+
+
+def _say(message: str) -> None:
+    print(f"[ddt pipeline] {message}", file=sys.stderr, flush=True)
+
+
+def _digest(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _files(configs: str | list[str]) -> list[str]:
+    return [configs] if isinstance(configs, str) else list(configs)
+
+
+def _config_value(configs: list[str], key: str) -> Any:
+    """A top-level key of a stage's YAMLs (e.g. its `export_dir`; the last file that sets it wins), which must be
+    set."""
+    values = [(yaml.safe_load(Path(c).read_text()) or {}).get(key) for c in configs]
+    values = [v for v in values if v]
+    if not values:
+        raise ValueError(f"{' + '.join(configs)}: the pipeline needs the top-level key {key!r}")
+    return values[-1]
+
+
+def _texts(configs: list[str]) -> list[str]:
+    return [Path(c).read_text() for c in configs]
+
+
+def _reusable(folder: Path, key: str) -> dict[str, Any] | None:
+    record = folder / STAGE_FILE
+    if record.is_file():
+        saved = json.loads(record.read_text())
+        if saved.get("key") == key:
+            return saved["results"]
+    return None
+
+
+def _fit(configs: list[str], experiment: str, extra: list[str]) -> dict[str, Any]:
+    """`ddt fit --config A [--config B]` in this process; returns the figures it printed (its held-out test)."""
+    from ddt_lightning.cli import DDTCLI
+
+    args = ["fit", *(arg for c in configs for arg in ("--config", c))]
+    args += ["--trainer.logger.init_args.experiment_name", experiment, *extra]
+    args += ["--test_after_fit", "true"]
+    cli = DDTCLI(args=args)
+    return dict(cli.summary)
+
+
+def run_pipeline(
+    tokenizer: str | list[str] = "configs/main.yaml",
+    pretokenize: str = "configs/pretokenize.yaml",
+    llm: str | list[str] = "configs/mllm/main.yaml",
+    experiment_name: str = "ddt-pipeline",
+    num_prompts: int = 256,
+    num_captions: int = 256,
+    num_edits: int = 256,
+    guidance: float = 3.0,
+    edit_guidance: float | None = None,
+    top_k: int | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Run (or reuse) the four stages; returns the summary printed on the last line.
+
+    Args:
+        tokenizer: the tokenizer's `ddt fit` config file(s), composed in order (they must set `export_dir`).
+        pretokenize: the `ddt pretokenize` config (its `tokenizer` is set to that export).
+        llm: the LLM's `ddt fit` config file(s) (must set `export_dir`; its data reads the shards, and its
+            `model.init_args.tokenizer_path` is set to the tokenizer export).
+        experiment_name: the MLflow experiment of every stage's run.
+        num_prompts, num_captions, num_edits: held-out GenEval prompts, images to caption, edits to make.
+        guidance, edit_guidance, top_k: sampling of the evaluation (edit_guidance defaults to guidance).
+        seed: the evaluation's sampling seed.
+    """
+    from ddt_lightning.pretokenize import main as pretokenize_main
+    from ddt_lightning.pretokenize import tokenizer_digest
+
+    stages: dict[str, str] = {}
+    timings: dict[str, float] = {}
+
+    # 1. tokenizer
+    start = time.perf_counter()
+    tokenizer, llm = _files(tokenizer), _files(llm)
+    tokenizer_dir = Path(_config_value(tokenizer, "export_dir"))
+    key = _digest(_texts(tokenizer))
+    tokenizer_results = _reusable(tokenizer_dir, key)
+    if tokenizer_results is not None:
+        _say(f"tokenizer: reusing {tokenizer_dir} (trained with the same {' + '.join(tokenizer)})")
+        stages["tokenizer"] = "reused"
+    else:
+        _say(f"tokenizer: ddt fit --config {' --config '.join(tokenizer)}")
+        tokenizer_results = _fit(tokenizer, experiment_name, [])
+        (tokenizer_dir / STAGE_FILE).write_text(json.dumps({"key": key, "results": tokenizer_results}, indent=2))
+        stages["tokenizer"] = "trained"
+    timings["tokenizer"] = time.perf_counter() - start
+
+    # 2. pretokenize (reuses its shards by itself: same tokenizer digest and data config)
+    start = time.perf_counter()
+    shards_dir = str(_config_value([pretokenize], "output"))
+    shards = pretokenize_main(["--config", pretokenize, "--tokenizer", str(tokenizer_dir)])
+    stages["pretokenize"] = "done"
+    timings["pretokenize"] = time.perf_counter() - start
+
+    # 3. LLM
+    start = time.perf_counter()
+    llm_dir = Path(_config_value(llm, "export_dir"))
+    key = _digest(_texts(llm), tokenizer_digest(tokenizer_dir), shards["key"])
+    llm_results = _reusable(llm_dir, key)
+    if llm_results is not None:
+        _say(f"llm: reusing {llm_dir} (trained with the same {' + '.join(llm)}, tokenizer and shards)")
+        stages["llm"] = "reused"
+    else:
+        _say(f"llm: ddt fit --config {' --config '.join(llm)}")
+        wiring = ["--model.init_args.tokenizer_path", str(tokenizer_dir), "--data.init_args.root", shards_dir]
+        llm_results = _fit(llm, experiment_name, wiring)
+        (llm_dir / STAGE_FILE).write_text(json.dumps({"key": key, "results": llm_results}, indent=2))
+        stages["llm"] = "trained"
+    timings["llm"] = time.perf_counter() - start
+
+    # 4. evaluate on held-out prompts and images
+    start = time.perf_counter()
+    from ddt_lightning.mllm.commands import main_evaluate
+
+    args = ["--model", str(llm_dir), "--mlflow", "--experiment_name", experiment_name, "--run_name", "evaluate"]
+    args += ["--num_prompts", str(num_prompts), "--num_captions", str(num_captions), "--num_edits", str(num_edits)]
+    args += ["--guidance", str(guidance), "--seed", str(seed), "--output", str(llm_dir / "evaluation")]
+    if edit_guidance is not None:
+        args += ["--edit_guidance", str(edit_guidance)]
+    if top_k is not None:
+        args += ["--top_k", str(top_k)]
+    main_evaluate(args)
+    scores = json.loads((llm_dir / "evaluation" / "scores.json").read_text())
+    timings["evaluate"] = time.perf_counter() - start
+
+    summary = {k: tokenizer_results[k] for k in TOKENIZER_KEYS if k in tokenizer_results}
+    summary["tokenizer_export"] = str(tokenizer_dir)
+    summary |= {k: scores[k] for k in ("geneval_overall", "caption_accuracy", "edit_success", "edit_l1") if k in scores}
+    if "perplexity_text" in llm_results:  # held-out caption tokens of image-to-text sequences
+        summary["perplexity_text"] = llm_results["perplexity_text"]
+    summary["export"] = str(llm_dir)
+    summary["scores"] = {k: v for k, v in scores.items() if k not in summary}
+    summary["stages"] = stages
+    summary["minutes"] = {k: round(v / 60, 2) for k, v in timings.items()}
+    return summary
+
+
+def main(args: list[str] | None = None) -> dict[str, Any]:
+    """`ddt pipeline --config configs/pipeline.yaml [--key value]`."""
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    parser = ArgumentParser(prog="ddt pipeline", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", action=ActionConfigFile, help="a YAML with the keys below")
+    parser.add_function_arguments(run_pipeline)
+    config = parser.parse_args(args)
+    summary = run_pipeline(**{k: v for k, v in config.as_dict().items() if k != "config"})
+    sys.stdout.flush()
+    print(json.dumps(summary), flush=True)
+    return summary

@@ -1,0 +1,373 @@
+"""DDT-LLaMA for users (design.md sections 2 and 4): `DDTLlama` loaded from an export folder (text-to-image,
+captioning, editing), the held-out world evaluation (proven with an oracle model) and the `ddt generate | caption |
+edit | evaluate` entry points, on a tiny random DDT tokenizer and a micro Llama."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import ddt_lightning.mllm.model as model_module
+from ddt_lightning.data.images import uint8_to_tensor
+from ddt_lightning.data.world import World
+from ddt_lightning.geneval import CATEGORIES, geneval_scores, geneval_suite, held_out_world
+from ddt_lightning.images import save_png, to_uint8
+from ddt_lightning.mllm.commands import main_caption, main_edit, main_evaluate, main_generate
+from ddt_lightning.mllm.evaluate import evaluate_world
+from ddt_lightning.mllm.generation import generate_image_tokens
+from ddt_lightning.mllm.lm import LMConfig
+from ddt_lightning.mllm.model import DDTLlama
+from ddt_lightning.mllm.sequences import TokenOrder
+from ddt_lightning.tokenizer import DDTTokenizer, TokenizerConfig
+
+T, K, RES = 8, 64, 16
+
+
+# -------------------------------------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def export(tmp_path_factory) -> tuple[Path, torch.nn.Module]:
+    """An export folder in the exact layout: MLLMModule.save_pretrained (lm/) + the DDT tokenizer (ddt_tokenizer/).
+    Returns it with the in-memory LM it was written from."""
+    from ddt_lightning.modules.mllm import MLLMModule
+
+    root = tmp_path_factory.mktemp("export")
+    torch.manual_seed(0)
+    config = TokenizerConfig(
+        image_size=RES,
+        patch_size=4,
+        encoder_dim=32,
+        encoder_depth=1,
+        encoder_heads=2,
+        decoder_dim=32,
+        decoder_depth=1,
+        decoder_heads=2,
+        num_tokens=T,
+        codebook_size=K,
+        code_dim=8,
+    )
+    ddt = DDTTokenizer(config)
+    ddt.save_pretrained(root / "ddt_tokenizer")
+
+    class Captions:  # the DataModule stand-in the module trains its BPE on
+        def train_texts(self) -> list[str]:
+            world = World(seed=0, resolution=8, supersample=1)
+            return [world.sample(i).caption for i in range(100)] + [world.sample(i).edit_instruction for i in range(50)]
+
+    module = MLLMModule(
+        lm=LMConfig.preset("micro"), tokenizer_path=str(root / "ddt_tokenizer"), text_tokenizer_cache=None
+    )
+    module.vocab = module._make_vocab(Captions())
+    module.setup("fit")
+    module.configure_model()
+    module.save_pretrained(root)
+    return root, module.lm.eval()
+
+
+@pytest.fixture(scope="module")
+def model(export) -> DDTLlama:
+    return DDTLlama.from_pretrained(export[0])
+
+
+def world_images(n: int, resolution: int = RES, seed: int = 5) -> tuple[torch.Tensor, list]:
+    samples = [World(seed=seed, resolution=resolution).sample(i) for i in range(n)]
+    return torch.stack([uint8_to_tensor(s.image) for s in samples]), samples
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------------------------------- the model
+def test_from_pretrained_round_trip_and_clear_errors(export, model, tmp_path):
+    from ddt_lightning.modules import mllm as module_file
+
+    root, lm = export
+    assert (model_module.LM_FOLDER, model_module.DDT_TOKENIZER_FOLDER, model_module.EXPORT_CONFIG) == (
+        module_file.LM_FOLDER,
+        module_file.DDT_TOKENIZER_FOLDER,
+        module_file.EXPORT_CONFIG,
+    )
+    ids = torch.tensor([model.text_to_image_prompts(["a small red circle in the top left"])[0] + [70, 71, 72]])
+    with torch.no_grad():
+        torch.testing.assert_close(model.lm(input_ids=ids).logits, lm(input_ids=ids).logits)
+    assert model.resolution == RES and model.num_tokens == T and model.order == TokenOrder()
+    assert DDTLlama.from_pretrained(root / "lm").vocab.fingerprint() == model.vocab.fingerprint()  # lm/ itself
+
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "nowhere")):
+        DDTLlama.from_pretrained(tmp_path / "nowhere")
+    shutil.copytree(root / "lm", tmp_path / "lm")  # an export without its DDT tokenizer
+    with pytest.raises(FileNotFoundError, match="tokenizer_path"):
+        DDTLlama.from_pretrained(tmp_path)
+    assert DDTLlama.from_pretrained(tmp_path, tokenizer_path=root / "ddt_tokenizer").num_tokens == T
+
+
+def test_prompts_are_the_training_formats_cut_before_their_loss_span(model):
+    ids, vocab = model.vocab.ids, model.vocab
+    text = vocab.encode_text(["a large blue square in the top right"])[0]
+    assert model.text_to_image_prompts(["a large blue square in the top right"]) == [[ids.bos, *text, ids.boi]]
+    assert model.text_to_image_prompts(None) == [[ids.bos, ids.null, ids.boi]]
+    codes = torch.arange(T).unsqueeze(0)  # (1, T)
+    visual = (codes[0] + vocab.visual_offset).tolist()
+    assert model.caption_prompts(codes) == [[ids.bos, ids.boi, *visual, ids.eoi]]
+    assert model.edit_prompts(codes, ["x"]) == [
+        [ids.bos, ids.boi, *visual, ids.eoi, *vocab.encode_text(["x"])[0], ids.boi]
+    ]
+    assert model.edit_prompts(codes, None) == [[ids.bos, ids.boi, *visual, ids.eoi, ids.null, ids.boi]]
+
+
+def test_text_to_image_size_range_seed_and_guidance(model):
+    prompts = ["a large red circle in the top left", "a small green square in the bottom right"]
+    options = dict(decode_steps=2, batch_size=1)
+    first = model.text_to_image(prompts, generator=gen(1), **options)
+    assert first.shape == (2, 3, RES, RES) and first.min() >= -1 and first.max() <= 1
+    torch.testing.assert_close(model.text_to_image(prompts, generator=gen(1), **options), first, rtol=0, atol=0)
+    assert not torch.equal(model.text_to_image(prompts, generator=gen(2), **options), first)
+
+    rows = []
+    handle = model.lm.register_forward_hook(lambda m, a, k, out: rows.append(k["input_ids"].shape[0]), with_kwargs=True)
+    try:
+        guided = model.generate_codes(model.text_to_image_prompts(prompts), model.text_to_image_prompts(None), 3.0)
+        assert set(rows) == {4} and guided.shape == (2, T)  # conditional and null rows in one forward
+        rows.clear()
+        codes = model.generate_codes(model.text_to_image_prompts(prompts), None, 1.0, generator=gen(3))
+        assert set(rows) == {2}  # guidance 1: the conditional rows alone
+    finally:
+        handle.remove()
+    alone = generate_image_tokens(model.lm, model.text_to_image_prompts(prompts), None, model.span, generator=gen(3))
+    assert torch.equal(codes, alone)  # timestep order: no permutation
+
+
+@pytest.mark.parametrize("order", [TokenOrder("reversed"), TokenOrder("shuffled", seed=4)])
+def test_generated_codes_are_put_back_into_ddt_order_before_decoding(model, monkeypatch, order):
+    ordered = model.__class__(model.lm, model.vocab, model.ddt, order)
+    known = torch.arange(2 * T).view(2, T) % K  # what the LM "generates", in its own order
+    monkeypatch.setattr(model_module, "generate_image_tokens", lambda *a, **k: known.clone())
+    received = []
+    decode = model.ddt.decode
+    monkeypatch.setattr(model.ddt, "decode", lambda codes, **k: received.append(codes.clone()) or decode(codes, **k))
+    ordered.text_to_image(["a", "b"], decode_steps=1)
+    expected = known.flip(1) if order.mode == "reversed" else order.invert(known)
+    assert torch.equal(received[0], expected) and not torch.equal(expected, known)
+    # and the sources of edits / captions enter prompts in the trained order
+    codes = torch.arange(T).unsqueeze(0)
+    prompt = ordered.caption_prompts(codes)[0]
+    assert prompt[2 : 2 + T] == (order.apply(codes)[0][0] + model.vocab.visual_offset).tolist()
+
+    random = model.__class__(model.lm, model.vocab, model.ddt, TokenOrder("shuffled", shuffle="random"))
+    with pytest.raises(ValueError, match="random"):
+        random.text_to_image(["a"])
+    with pytest.raises(ValueError, match="random"):
+        random.edit(torch.zeros(1, 3, RES, RES), "x")
+
+
+def test_caption_is_text_only_even_when_non_text_ids_dominate(model, monkeypatch):
+    vocab, ids = model.vocab, model.vocab.ids
+    specials = [ids.boi, ids.eoi, ids.null, ids.pad, ids.bos]
+
+    def tempt(module, args, kwargs, out):  # every non-text id would win, and <eos> only from the 5th token on
+        out.logits[..., vocab.visual_offset :] += 100.0
+        out.logits[..., specials] += 100.0
+        out.logits[..., ids.eos] += 200.0 if len(rows_seen) >= 4 else -100.0  # forward 5 emits the 5th token
+        rows_seen.append(1)
+        return out
+
+    rows_seen: list[int] = []
+    decoded = []
+    decode_text = vocab.decode_text
+    monkeypatch.setattr(vocab, "decode_text", lambda rows: decoded.append(rows) or decode_text(rows))
+    images, _ = world_images(2)
+    handle = model.lm.register_forward_hook(tempt, with_kwargs=True)
+    try:
+        captions = model.caption(images, max_new_tokens=12)
+    finally:
+        handle.remove()
+    assert len(captions) == 2 and all(isinstance(c, str) for c in captions)
+    new_ids = [i for row in decoded[0] for i in row]
+    assert new_ids and all(i < vocab.visual_offset and i not in specials for i in new_ids)
+    assert all(len(row) == 4 for row in decoded[0])  # cut at <eos>
+    assert not any("<v" in c or "<boi>" in c for c in captions)
+
+
+def test_edit_uses_the_instruction_and_the_null_instruction(model, monkeypatch):
+    images, samples = world_images(3)
+    calls = []
+    monkeypatch.setattr(
+        model_module,
+        "generate_image_tokens",
+        lambda lm, cond, uncond, span, **k: (
+            calls.append((cond, uncond)) or generate_image_tokens(lm, cond, uncond, span, **k)
+        ),
+    )
+    edited = model.edit(images, [s.edit_instruction for s in samples], guidance=2.0, decode_steps=2, generator=gen(0))
+    assert edited.shape == (3, 3, RES, RES) and edited.min() >= -1 and edited.max() <= 1
+    cond, uncond = calls[0]
+    sources = model.ddt.encode(images)
+    assert cond == model.edit_prompts(sources, [s.edit_instruction for s in samples])
+    assert uncond == model.edit_prompts(sources, None) and all(row[-2] == model.vocab.ids.null for row in uncond)
+    assert model.edit(images[:1], "make it blue", decode_steps=1).shape == (1, 3, RES, RES)
+    with pytest.raises(ValueError, match="2 instructions for 3 images"):
+        model.edit(images, ["a", "b"])
+    with pytest.raises(ValueError, match=f"\\(B, 3, {RES}, {RES}\\)"):
+        model.caption(torch.zeros(1, 3, 8, 8))
+
+
+# ------------------------------------------------------------------------------------------------------ evaluation
+def test_evaluate_world_on_the_tiny_model(model):
+    scores = evaluate_world(
+        model, num_prompts=6, num_captions=3, num_edits=3, decode_steps=2, max_new_tokens=8, progress=False
+    )
+    categories = {c for p in geneval_suite(0, 6, RES) for c in p.categories}
+    expected = {"geneval_overall", "caption_accuracy", "edit_success", "edit_l1"}
+    expected |= {f"geneval/{c}" for c in categories} | {f"ceiling/geneval/{c}" for c in categories}
+    expected |= {"ceiling/geneval_overall", "ceiling/edit_success", "ceiling/edit_l1"}
+    assert set(scores) == expected
+    assert all(0.0 <= v <= 1.0 for v in scores.values()), scores
+    assert json.loads(json.dumps(scores)) == dict(scores)
+    grids = scores.grids()
+    assert set(grids) == {"t2i", "edit", "caption"} and grids["t2i"].shape[0] == 3 * (RES + 1) + 1
+    assert len(scores.captions) == 3 and len(scores.instructions) == 3
+
+
+class Oracle:
+    """A stand-in DDTLlama that draws the held-out ground truth: the wiring of the evaluation is what is tested."""
+
+    resolution = 32
+
+    def __init__(self, seed: int, shift: int = 0) -> None:
+        world = held_out_world(seed, self.resolution)
+        self.samples = [world.sample(i) for i in range(40)]
+        self.shift = shift  # > 0: answer with another sample's ground truth (a wrong model)
+
+    def _find(self, image: torch.Tensor):
+        array = to_uint8(image).permute(1, 2, 0).numpy()
+        index = next(i for i, s in enumerate(self.samples) if np.array_equal(s.image, array))
+        return self.samples[index + self.shift]
+
+    def text_to_image(self, prompts, **options) -> torch.Tensor:
+        index = {s.caption: i for i, s in reversed(list(enumerate(self.samples)))}
+        return torch.stack([uint8_to_tensor(self.samples[index[p] + self.shift].image) for p in prompts])
+
+    def caption(self, images, **options) -> list[str]:
+        return [self._find(image).caption for image in images]
+
+    def edit(self, images, instructions, **options) -> torch.Tensor:
+        return torch.stack([uint8_to_tensor(self._find(image).edited_image) for image in images])
+
+    def reconstruct(self, images, **options) -> torch.Tensor:
+        return images
+
+
+def test_an_oracle_scores_one_and_a_wrong_model_does_not():
+    options = dict(num_prompts=24, num_captions=12, num_edits=12, progress=False)
+    scores = evaluate_world(Oracle(seed=1), seed=1, **options)
+    assert {f"geneval/{c}" for c in CATEGORIES} <= set(scores)  # 24 prompts test every category
+    for key, value in scores.items():
+        assert value == (0.0 if key.endswith("edit_l1") else 1.0), (key, value)
+    wrong = evaluate_world(Oracle(seed=1, shift=1), seed=1, **options)
+    prompts = geneval_suite(1, 24, Oracle.resolution)
+    shifted = [Oracle(seed=1).samples[i + 1].image for i in range(24)]
+    assert wrong["geneval_overall"] == geneval_scores(shifted, prompts)["overall"]  # the checker's own aggregate
+    assert wrong["geneval_overall"] < 0.9 and wrong["caption_accuracy"] < 0.5 and wrong["edit_success"] < 0.5
+    assert wrong["edit_l1"] > 0.01 and wrong["ceiling/edit_success"] == 1.0
+
+
+# -------------------------------------------------------------------------------------------------------- commands
+def test_ddt_generate_caption_edit_evaluate(export, tmp_path, capsys):
+    root = str(export[0])
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a large red circle in the top left\n\na small blue square in the bottom right\n")
+    out = tmp_path / "generated"
+    argv = ["--model", root, "--prompts", str(prompts), "--prompt", "a small cyan diamond in the top right"]
+    assert main_generate([*argv, "--output", str(out), "--decode_steps", "2", "--seed", "3"]) == 0
+    assert sorted(p.name for p in out.glob("0*.png")) == ["0000.png", "0001.png", "0002.png"]
+    index = json.loads((out / "prompts.json").read_text())
+    assert [row["prompt"] for row in index["items"]] == [
+        "a small cyan diamond in the top right",  # --prompt first, then the file's non-empty lines
+        "a large red circle in the top left",
+        "a small blue square in the bottom right",
+    ]
+    assert index["seed"] == 3 and (out / "prompts.txt").read_text().count("\n") == 3 and (out / "grid.png").is_file()
+
+    folder = tmp_path / "sources"
+    for i, image in enumerate(world_images(2)[1]):
+        save_png(image.image, folder / f"{i}.png")
+    capsys.readouterr()
+    assert main_caption(["--model", root, "--images", str(folder), "--max_new_tokens", "6"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith(str(folder / "0.png") + "\t")
+
+    edited = tmp_path / "edited"
+    argv = ["--model", root, "--images", str(folder / "0.png"), str(folder / "1.png"), "--instruction", "remove it"]
+    assert main_edit([*argv, "--output", str(edited), "--decode_steps", "1"]) == 0
+    assert len(list(edited.glob("0*.png"))) == 2 and len(json.loads((edited / "edits.json").read_text())["items"]) == 2
+
+    argv = ["--model", root, "--num_prompts", "2", "--num_captions", "1", "--num_edits", "1", "--decode_steps", "1"]
+    assert main_evaluate([*argv, "--ceilings", "false", "--output", str(tmp_path / "eval")]) == 0
+    scores = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert {"geneval_overall", "caption_accuracy", "edit_success", "edit_l1"} <= set(scores)
+    assert json.loads((tmp_path / "eval" / "scores.json").read_text()) == scores
+
+
+def test_commands_fail_with_clear_errors(export, tmp_path, capsys):
+    root = str(export[0])
+
+    def error(main, argv) -> str:
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2
+        return capsys.readouterr().err
+
+    assert str(tmp_path / "missing") in error(main_generate, ["--model", str(tmp_path / "missing"), "--prompt", "a"])
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    assert "empty" in error(main_generate, ["--model", root, "--prompts", str(empty)])
+    assert "no prompts" in error(main_generate, ["--model", root])
+    assert f"{tmp_path / 'nope.png'} not found" in error(
+        main_caption, ["--model", root, "--images", str(tmp_path / "nope.png")]
+    )
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not a png")
+    assert "bad.png" in error(main_edit, ["--model", root, "--images", str(bad), "--instruction", "x"])
+    two = [
+        "--model",
+        root,
+        "--images",
+        str(bad),
+        str(bad),
+        "--instruction",
+        "x",
+        "--instruction",
+        "y",
+        "--instruction",
+        "z",
+    ]
+    assert "3 instructions for 2 images" in error(main_edit, two)
+
+
+def test_mlflow_logging(export, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    argv = ["--model", str(export[0]), "--prompt", "a large red circle in the top left", "--decode_steps", "1"]
+    assert main_generate([*argv, "--output", str(tmp_path / "out"), "--tracking_uri", uri]) == 0
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("ddt-llm").experiment_id])
+    assert run.data.params["command"] == "generate"
+    assert "prompts.json" in {f.path for f in client.list_artifacts(run.info.run_id)}
+    assert [f.path for f in client.list_artifacts(run.info.run_id, "images/generate")] == [
+        "images/generate/grid_step0000000.png"
+    ]
+
+
+def test_the_model_and_the_evaluation_do_not_import_lightning():
+    code = "import sys, ddt_lightning.mllm.model, ddt_lightning.mllm.evaluate; print('lightning' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

@@ -1,0 +1,59 @@
+"""`ddt pipeline`: the four stages end to end on micro configs, one MLflow experiment, stages reused on a rerun."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from ddt_lightning.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = str(REPO / "tests" / "configs" / "pipeline_micro.yaml")
+
+
+def run(capsys) -> tuple[dict, str]:
+    main(["pipeline", "--config", CONFIG])
+    captured = capsys.readouterr()
+    return json.loads(captured.out.strip().splitlines()[-1]), captured.err
+
+
+@pytest.mark.slow
+def test_pipeline_runs_every_stage_then_reuses_them(tmp_path, monkeypatch, capsys):
+    from mlflow import MlflowClient
+
+    (tmp_path / "tests").symlink_to(REPO / "tests")  # the stage configs' paths are relative to the repository
+    monkeypatch.chdir(tmp_path)  # and the outputs land in tmp_path
+    summary, err = run(capsys)
+
+    assert summary["stages"] == {"tokenizer": "trained", "pretokenize": "done", "llm": "trained"}
+    for key in ("psnr_onestep", "psnr_sampler", "sampler_steps", "usage", "prefix_psnr"):
+        assert key in summary, key
+    assert len(summary["prefix_psnr"]) == 3 and summary["tokenizer_export"] == "tok"
+    for key in ("geneval_overall", "caption_accuracy", "edit_success"):
+        assert 0.0 <= summary[key] <= 1.0, key
+    assert summary["export"] == "llm" and summary["perplexity_text"] > 1.0
+    # One folder to hand over: the LM and its tokenizer (transformers Auto classes) and the DDT tokenizer.
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ddt_lightning import DDTTokenizer
+
+    AutoModelForCausalLM.from_pretrained("llm/lm")
+    assert AutoTokenizer.from_pretrained("llm/lm").convert_tokens_to_ids("<boi>") >= 0
+    assert DDTTokenizer.from_pretrained("llm/ddt_tokenizer").config.num_tokens == 8
+    assert json.loads(Path("tokens/manifest.json").read_text())["splits"]["train"]["items"] == 32
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("ddt-tests")
+    names = sorted(r.info.run_name or "" for r in client.search_runs([experiment.experiment_id]))
+    assert len(names) == 3 and "evaluate" in names  # tokenizer fit, LLM fit, evaluation: one experiment
+
+    weights = Path("llm/lm/model.safetensors").stat().st_mtime_ns
+    again, err = run(capsys)
+    assert again["stages"] == {"tokenizer": "reused", "pretokenize": "done", "llm": "reused"}
+    assert "tokenizer: reusing tok" in err and "pretokenize: reusing tokens" in err and "llm: reusing llm" in err
+    assert Path("llm/lm/model.safetensors").stat().st_mtime_ns == weights
+    for key in ("psnr_onestep", "prefix_psnr", "perplexity_text"):
+        assert again[key] == summary[key]
+    assert len(client.search_runs([experiment.experiment_id])) == 4  # only the evaluation ran again
