@@ -117,7 +117,6 @@ COMMANDS = {
 def main(args=None) -> None:
     argv = sys.argv[1:] if args is None else list(args)
     torch.set_float32_matmul_precision("high")
-    torch.set_flush_denormal(True)  # denormals in late training slow CPU matmuls severalfold
     if argv and argv[0] in COMMANDS:
         module, _, function = COMMANDS[argv[0]].partition(":")
         getattr(importlib.import_module(module), function)(argv[1:])
