@@ -57,13 +57,21 @@ def _texts(configs: list[str]) -> list[str]:
     return [Path(c).read_text() for c in configs]
 
 
-def _reusable(folder: Path, key: str) -> dict[str, Any] | None:
+def _fit_or_reuse(
+    stage: str, configs: list[str], inputs: list[Any], experiment: str, wiring: list[str]
+) -> tuple[dict[str, Any], str]:
+    """Run `ddt fit` for a stage unless its export already records the same key (its config files' text and the
+    digests of its inputs); returns (the figures the stage reported, "trained" | "reused")."""
+    folder = Path(_config_value(configs, "export_dir"))
+    key = _digest(_texts(configs), *inputs)
     record = folder / STAGE_FILE
-    if record.is_file():
-        saved = json.loads(record.read_text())
-        if saved.get("key") == key:
-            return saved["results"]
-    return None
+    if record.is_file() and (saved := json.loads(record.read_text())).get("key") == key:
+        _say(f"{stage}: reusing {folder} (trained with the same {' + '.join(configs)} and inputs)")
+        return saved["results"], "reused"
+    _say(f"{stage}: ddt fit --config {' --config '.join(configs)}")
+    results = _fit(configs, experiment, wiring)
+    record.write_text(json.dumps({"key": key, "results": results}, indent=2))
+    return results, "trained"
 
 
 def _fit(configs: list[str], experiment: str, extra: list[str]) -> dict[str, Any]:
@@ -112,16 +120,7 @@ def run_pipeline(
     start = time.perf_counter()
     tokenizer, llm = _files(tokenizer), _files(llm)
     tokenizer_dir = Path(_config_value(tokenizer, "export_dir"))
-    key = _digest(_texts(tokenizer))
-    tokenizer_results = _reusable(tokenizer_dir, key)
-    if tokenizer_results is not None:
-        _say(f"tokenizer: reusing {tokenizer_dir} (trained with the same {' + '.join(tokenizer)})")
-        stages["tokenizer"] = "reused"
-    else:
-        _say(f"tokenizer: ddt fit --config {' --config '.join(tokenizer)}")
-        tokenizer_results = _fit(tokenizer, experiment_name, [])
-        (tokenizer_dir / STAGE_FILE).write_text(json.dumps({"key": key, "results": tokenizer_results}, indent=2))
-        stages["tokenizer"] = "trained"
+    tokenizer_results, stages["tokenizer"] = _fit_or_reuse("tokenizer", tokenizer, [], experiment_name, [])
     timings["tokenizer"] = time.perf_counter() - start
 
     # 2. pretokenize (reuses its shards by itself: same tokenizer digest and data config)
@@ -131,20 +130,12 @@ def run_pipeline(
     stages["pretokenize"] = "done"
     timings["pretokenize"] = time.perf_counter() - start
 
-    # 3. LLM
+    # 3. LLM, from the shards and with the tokenizer just made (both digests are part of its key)
     start = time.perf_counter()
     llm_dir = Path(_config_value(llm, "export_dir"))
-    key = _digest(_texts(llm), tokenizer_digest(tokenizer_dir), shards["key"])
-    llm_results = _reusable(llm_dir, key)
-    if llm_results is not None:
-        _say(f"llm: reusing {llm_dir} (trained with the same {' + '.join(llm)}, tokenizer and shards)")
-        stages["llm"] = "reused"
-    else:
-        _say(f"llm: ddt fit --config {' --config '.join(llm)}")
-        wiring = ["--model.init_args.tokenizer_path", str(tokenizer_dir), "--data.init_args.root", shards_dir]
-        llm_results = _fit(llm, experiment_name, wiring)
-        (llm_dir / STAGE_FILE).write_text(json.dumps({"key": key, "results": llm_results}, indent=2))
-        stages["llm"] = "trained"
+    inputs = [tokenizer_digest(tokenizer_dir), shards["key"]]
+    wiring = ["--model.init_args.tokenizer_path", str(tokenizer_dir), "--data.init_args.root", shards_dir]
+    llm_results, stages["llm"] = _fit_or_reuse("llm", llm, inputs, experiment_name, wiring)
     timings["llm"] = time.perf_counter() - start
 
     # 4. evaluate on held-out prompts and images

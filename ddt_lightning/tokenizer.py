@@ -105,6 +105,20 @@ class TokenizerConfig:
 PRESETS: dict[str, TokenizerConfig] = {
     # CPU: pixel space 32x32, patch 4 -> 64 image tokens; 1.9 M parameters.
     "tiny": TokenizerConfig(),
+    # Tests: 16x16, T = 8, K = 64, one block each side - a forward pass in milliseconds.
+    "micro": TokenizerConfig(
+        image_size=16,
+        patch_size=4,
+        encoder_dim=32,
+        encoder_depth=1,
+        encoder_heads=2,
+        decoder_dim=32,
+        decoder_depth=1,
+        decoder_heads=2,
+        num_tokens=8,
+        codebook_size=64,
+        code_dim=8,
+    ),
     # The paper's scale: 256x256 images in the 16-channel latent space of an AutoencoderKL (f8 -> 32x32),
     # K = 65,536 codes of m = 16. Widths follow SD3-medium for the decoder (1536 x 24) and a half-depth encoder
     # (ours); T = 256 tokens (ours).

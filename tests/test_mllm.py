@@ -46,19 +46,7 @@ def captions() -> list[str]:
 def ddt_dir(tmp_path_factory) -> Path:
     """A tiny random DDT tokenizer export: 16x16 images, T = 8 tokens, K = 64 codes."""
     torch.manual_seed(0)
-    config = TokenizerConfig(
-        image_size=16,
-        patch_size=4,
-        encoder_dim=32,
-        encoder_depth=1,
-        encoder_heads=2,
-        decoder_dim=32,
-        decoder_depth=1,
-        decoder_heads=2,
-        num_tokens=8,
-        codebook_size=64,
-        code_dim=8,
-    )
+    config = TokenizerConfig.preset("micro")
     return DDTTokenizer(config).save_pretrained(tmp_path_factory.mktemp("ddt"))
 
 

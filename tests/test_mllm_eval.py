@@ -39,19 +39,7 @@ def export(tmp_path_factory) -> tuple[Path, torch.nn.Module]:
 
     root = tmp_path_factory.mktemp("export")
     torch.manual_seed(0)
-    config = TokenizerConfig(
-        image_size=RES,
-        patch_size=4,
-        encoder_dim=32,
-        encoder_depth=1,
-        encoder_heads=2,
-        decoder_dim=32,
-        decoder_depth=1,
-        decoder_heads=2,
-        num_tokens=T,
-        codebook_size=K,
-        code_dim=8,
-    )
+    config = TokenizerConfig.preset("micro", image_size=RES, num_tokens=T, codebook_size=K)
     ddt = DDTTokenizer(config)
     ddt.save_pretrained(root / "ddt_tokenizer")
 

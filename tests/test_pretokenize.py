@@ -18,19 +18,7 @@ SIZES = {"train": 20, "val": 6, "test": 5}
 
 def tiny_tokenizer(seed: int) -> DDTTokenizer:
     torch.manual_seed(seed)
-    config = TokenizerConfig(
-        image_size=16,
-        patch_size=4,
-        encoder_dim=32,
-        encoder_depth=1,
-        encoder_heads=2,
-        decoder_dim=32,
-        decoder_depth=1,
-        decoder_heads=2,
-        num_tokens=8,
-        codebook_size=64,
-        code_dim=8,
-    )
+    config = TokenizerConfig.preset("micro")
     return DDTTokenizer(config).eval()
 
 

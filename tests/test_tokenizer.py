@@ -11,19 +11,7 @@ from ddt_lightning.data.world import World
 from ddt_lightning.models.decoder import DDTDecoder
 from ddt_lightning.tokenizer import PRESETS, TokenizerConfig
 
-MICRO = TokenizerConfig(
-    image_size=16,
-    patch_size=4,
-    encoder_dim=32,
-    encoder_depth=1,
-    encoder_heads=2,
-    decoder_dim=32,
-    decoder_depth=2,
-    decoder_heads=2,
-    num_tokens=8,
-    codebook_size=64,
-    code_dim=8,
-)
+MICRO = TokenizerConfig.preset("micro", decoder_depth=2)
 
 
 @pytest.fixture(scope="module")
