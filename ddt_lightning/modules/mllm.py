@@ -56,6 +56,7 @@ from ddt_lightning.mllm.sequences import (
     null_prompts,
 )
 from ddt_lightning.mllm.vocab import VOCAB_FILE, MultimodalVocab, load_text_tokenizer, train_text_tokenizer
+from ddt_lightning.modules.optim import adamw_warmup_cosine
 from ddt_lightning.tokenizer import CONFIG_NAME, DDTTokenizer
 
 # The typed config objects in `hyper_parameters` may be unpickled by `torch.load(weights_only=True)` (Lightning's
@@ -94,18 +95,6 @@ class TokenNLL(Metric):
     def compute(self) -> dict[str, float]:
         means = (self.nll / self.count.clamp(min=1)).tolist()
         return {k: m for k, m, c in zip(self.names, means, self.count.tolist()) if c > 0}
-
-
-def warmup_cosine(warmup: int, total: int, min_ratio: float):
-    """Linear warm-up, then cosine decay to min_ratio x lr at the last step (a LambdaLR factor)."""
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min((step - warmup) / max(total - warmup, 1), 1.0)
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return factor
 
 
 class MLLMModule(L.LightningModule):
@@ -388,12 +377,7 @@ class MLLMModule(L.LightningModule):
         for param in self.lm.parameters():
             if param.requires_grad:
                 (decay if param.ndim >= 2 else no_decay).append(param)  # matrices and embeddings vs norms
-        groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas))
-        total = max(int(self.trainer.estimated_stepping_batches), 1)
-        factor = warmup_cosine(min(hp.warmup_steps, total), total, hp.min_lr_ratio)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return adamw_warmup_cosine(decay, no_decay, hp, self.trainer.estimated_stepping_batches)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         clip = self.hparams.grad_clip_norm if gradient_clip_val is None else gradient_clip_val

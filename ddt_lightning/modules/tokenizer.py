@@ -9,13 +9,12 @@ batch to callbacks (`ReconstructionGrids`) through the step output. Codebook res
 
 from __future__ import annotations
 
-import math
-
 import lightning as L
 import torch
 from lightning.pytorch.loggers import MLFlowLogger
 
 from ddt_lightning.evaluation import TokenizerEvaluator
+from ddt_lightning.modules.optim import adamw_warmup_cosine
 from ddt_lightning.tokenizer import DDTTokenizer, TokenizerConfig
 
 
@@ -91,20 +90,7 @@ class TokenizerModule(L.LightningModule):
         for name, param in self.tokenizer.named_parameters():
             if param.requires_grad:
                 (decay if param.ndim >= 2 and "pos" not in name and "queries" not in name else no_decay).append(param)
-        groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas))
-        total = max(int(self.trainer.estimated_stepping_batches), 1)
-        warmup = min(hp.warmup_steps, total)
-
-        def schedule(step: int) -> float:
-            # Linear warm-up, then cosine decay to min_lr_ratio x lr at the last step.
-            if step < warmup:
-                return (step + 1) / warmup
-            progress = min((step - warmup) / max(total - warmup, 1), 1.0)
-            return hp.min_lr_ratio + (1 - hp.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return adamw_warmup_cosine(decay, no_decay, hp, self.trainer.estimated_stepping_batches)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         clip = self.hparams.grad_clip_norm if gradient_clip_val is None else gradient_clip_val
