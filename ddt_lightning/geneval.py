@@ -397,6 +397,25 @@ def caption_accuracy(predicted_caption: str, scene: Scene) -> bool:
     return Counter(named) == Counter(o.identity() for o in scene.objects)
 
 
+CAPTION_ATTRIBUTES = ("parsed", "count", "shape", "colour", "size", "quadrant")
+
+
+def caption_attribute_scores(predicted_caption: str, scene: Scene) -> dict[str, bool]:
+    """Which parts of a caption are right, to see what an exact-attribute miss is made of: `parsed` (the world's
+    grammar), `count` (as many objects as the scene), and per attribute whether the multiset of that attribute over
+    the named objects equals the scene's (so "a red square and a blue circle" for a blue square and a red circle
+    gets shape and colour right, and fails `caption_accuracy`). All False when the caption does not parse."""
+    try:
+        named = parse_caption(predicted_caption)
+    except ValueError:
+        return dict.fromkeys(CAPTION_ATTRIBUTES, False)
+    truth = [o.identity() for o in scene.objects]  # (shape, colour, size, quadrant)
+    scores = {"parsed": True, "count": len(named) == len(truth)}
+    for i, attribute in enumerate(("shape", "colour", "size", "quadrant")):
+        scores[attribute] = Counter(n[i] for n in named) == Counter(t[i] for t in truth)
+    return scores
+
+
 def _identities(objects: Sequence[DetectedObject] | Sequence[WorldObject], with_size: bool) -> Counter:
     return Counter((o.shape, o.colour, o.quadrant, o.size)[: 4 if with_size else 3] for o in objects)
 

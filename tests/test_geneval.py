@@ -9,9 +9,11 @@ import pytest
 
 from ddt_lightning.data.world import BACKGROUND, CAPTION_TEMPLATES, COLOURS, Scene, World, WorldObject, render
 from ddt_lightning.geneval import (
+    CAPTION_ATTRIBUTES,
     CATEGORIES,
     GenEvalPrompt,
     caption_accuracy,
+    caption_attribute_scores,
     detect_objects,
     edit_l1,
     edit_success,
@@ -171,6 +173,20 @@ def test_caption_parser_round_trips_every_world_caption():
     assert not caption_accuracy(two.replace("top left", "top right"), TWO)
     assert not caption_accuracy(TWO.objects[0].phrase(), TWO)
     assert not caption_accuracy(f"{TWO.objects[0].phrase()}, {two}", TWO)
+
+
+def test_caption_attribute_scores_say_which_attribute_is_wrong():
+    two = TWO.caption()
+    assert caption_attribute_scores(two, TWO) == dict.fromkeys(CAPTION_ATTRIBUTES, True)
+    # Colours swapped between the objects: every multiset still matches, the exact-attribute caption does not.
+    swapped = two.replace("red", "@").replace("blue", "red").replace("@", "blue")
+    assert not caption_accuracy(swapped, TWO)
+    assert caption_attribute_scores(swapped, TWO) == dict.fromkeys(CAPTION_ATTRIBUTES, True)
+    wrong_shape = caption_attribute_scores(two.replace("circle", "square"), TWO)
+    assert [a for a, ok in wrong_shape.items() if not ok] == ["shape"]
+    one = caption_attribute_scores(TWO.objects[0].phrase(), TWO)
+    assert one["parsed"] and not any(one[a] for a in ("count", "shape", "colour", "size", "quadrant"))
+    assert caption_attribute_scores("two red things", TWO) == dict.fromkeys(CAPTION_ATTRIBUTES, False)
 
 
 @pytest.mark.parametrize(

@@ -173,6 +173,33 @@ def test_each_format_has_exactly_its_ids_and_loss_span():
         build_batch(IDS, ["edit"], images[:1], [ins], None, None)
 
 
+def test_length_groups_split_by_length_and_keep_every_token():
+    img, tgt = [100, 101, 102], [140, 141, 142]
+    tasks = ["edit", "t2i", "i2t", "edit", "t2i"]
+    texts = [[20, 21], [10], [10, 11, 12, 13], [20], [10, 11]]
+    seq = build_batch(IDS, tasks, torch.tensor([img] * 5), texts, None, torch.tensor([tgt] * 5))
+    lengths = seq.attention_mask.sum(1).tolist()
+    assert lengths == [13, 7, 11, 12, 8]
+    assert [len(g) for g in seq.length_groups(1)] == [5]
+    groups = seq.length_groups(2)
+    # Sorted lengths 7 8 11 12 13: the least padded area is 2 x 8 + 3 x 13 = 55 (one pass: 5 x 13 = 65; the other
+    # cuts 59, 59, 61).
+    assert [sorted(g.attention_mask.sum(1).tolist()) for g in groups] == [[7, 8], [11, 12, 13]]
+    assert [g.input_ids.shape[1] for g in groups] == [8, 13]
+    assert sorted(t for g in groups for t in g.task.tolist()) == sorted(seq.task.tolist())
+    # Every row keeps its tokens, labels and mask exactly (trimming removes padding only).
+    for g in groups:
+        for row in range(len(g)):
+            match = [r for r in range(5) if torch.equal(seq.input_ids[r, : g.input_ids.shape[1]], g.input_ids[row])]
+            assert match and torch.equal(seq.labels[match[0], : g.labels.shape[1]], g.labels[row])
+            assert seq.input_ids[match[0], g.input_ids.shape[1] :].eq(IDS.pad).all()
+    assert sum(len(g) for g in seq.length_groups(5)) == 5 and len(seq.length_groups(5)) <= 5
+    same = build_batch(IDS, ["t2i"] * 3, torch.tensor([img] * 3), [[10]] * 3)
+    assert len(same.length_groups(4)) == 1  # no cut saves a padded token
+    with pytest.raises(ValueError, match="groups"):
+        seq.length_groups(0)
+
+
 def test_task_mix_honours_ratios_and_names_bad_keys():
     mix = TaskMix({"t2i": 6, "i2t": 3, "edit": 1, "class": 0})
     assert mix.active == ("t2i", "i2t", "edit")
@@ -237,6 +264,26 @@ def test_the_module_applies_the_token_order_once(ddt_dir, captions, monkeypatch)
 
 
 # ------------------------------------------------------------------------------------------------------ module
+def test_length_groups_give_the_loss_and_gradients_of_one_padded_pass(ddt_dir, captions):
+    batch = world_batch(8)
+    grads, losses = [], []
+    for groups in (1, 2):
+        torch.manual_seed(0)
+        module = make_module(ddt_dir, captions, tasks={"t2i": 1, "i2t": 1, "edit": 1}, length_groups=groups)
+        tasks = ["edit", "t2i", "i2t", "t2i", "edit", "i2t", "t2i", "t2i"]
+        seq = module.sequences(batch, tasks, None, torch.Generator())
+        assert len(seq.length_groups(groups)) == groups
+        module._step_generator = lambda: torch.Generator().manual_seed(0)
+        module.mix.draw = lambda n, generator=None: tasks  # the mixed-length rows above
+        module.log = lambda *a, **k: None
+        loss = module.training_step(batch, 0)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append(torch.cat([p.grad.flatten() for p in module.lm.parameters() if p.grad is not None]))
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
+
+
 def test_module_builds_once_trains_checkpoints_and_exports(ddt_dir, captions, tmp_path):
     module = make_module(ddt_dir, captions, tasks={"t2i": 2, "i2t": 1, "edit": 1}, lr=3e-3)
     lm = module.lm

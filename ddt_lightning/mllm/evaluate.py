@@ -31,8 +31,10 @@ from tqdm import tqdm
 
 from ddt_lightning.data.images import uint8_to_tensor
 from ddt_lightning.geneval import (
+    CAPTION_ATTRIBUTES,
     CATEGORIES,
     caption_accuracy,
+    caption_attribute_scores,
     edit_l1,
     edit_success,
     geneval_suite,
@@ -179,6 +181,8 @@ def evaluate_world(
         )
         correct = [caption_accuracy(text, s.scene) for text, s in zip(predicted, samples)]
         scores["caption_accuracy"] = float(np.mean(correct))
+        parts = [caption_attribute_scores(text, s.scene) for text, s in zip(predicted, samples)]
+        scores.update({f"caption/{a}": float(np.mean([p[a] for p in parts])) for a in CAPTION_ATTRIBUTES})
         scores.captions = [(s.caption, text) for s, text in zip(samples, predicted)]
         scores.samples["caption/image"] = images[keep]
 

@@ -102,6 +102,43 @@ class SequenceBatch:
     def to(self, device: torch.device | str) -> SequenceBatch:
         return SequenceBatch(*(getattr(self, f.name).to(device) for f in fields(self)))
 
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def rows(self, index: torch.Tensor) -> SequenceBatch:
+        """The rows `index` (1-D long), cut to their longest sequence (exact for right padding: only pads go)."""
+        mask = self.attention_mask[index]  # (b, L)
+        length = int(mask.sum(1).max()) if len(index) else 0
+        return SequenceBatch(
+            self.input_ids[index, :length], self.labels[index, :length], mask[:, :length], self.task[index]
+        )
+
+    def length_groups(self, groups: int = 2) -> list[SequenceBatch]:
+        """Split a right-padded batch into at most `groups` batches of rows of similar length, so that short
+        sequences (text-to-image, captions) are not padded to the long ones (edits hold two image spans): fewer
+        padded tokens go through the LM, and the summed token loss is unchanged. Rows are sorted by length and cut
+        where the padded area is least (exhaustively for 2 groups, greedily halving the worst group beyond)."""
+        if groups < 1:
+            raise ValueError(f"groups must be >= 1, got {groups}")
+        lengths = self.attention_mask.sum(1)  # (B,)
+        order = torch.argsort(lengths, stable=True)
+        parts = [order]
+        while len(parts) < groups:
+            # Split the part whose best cut saves the most padded tokens; stop when no cut saves any.
+            best = None
+            for i, part in enumerate(parts):
+                sorted_lengths = lengths[part].tolist()
+                n, whole = len(sorted_lengths), len(sorted_lengths) * sorted_lengths[-1]
+                for cut in range(1, n):
+                    saved = whole - (cut * sorted_lengths[cut - 1] + (n - cut) * sorted_lengths[-1])
+                    if saved > 0 and (best is None or saved > best[0]):
+                        best = (saved, i, cut)
+            if best is None:
+                break
+            _, i, cut = best
+            parts[i : i + 1] = [parts[i][:cut], parts[i][cut:]]
+        return [self.rows(part) for part in parts]
+
 
 def pad_batch(
     examples: Sequence[Example], tasks: Sequence[str], pad_id: int, side: Literal["right", "left"] = "right"

@@ -122,6 +122,7 @@ class MLLMModule(L.LightningModule):
         weight_decay: float = 0.1,
         betas: tuple[float, float] = (0.9, 0.95),
         grad_clip_norm: float | None = 1.0,
+        length_groups: int = 2,
         seed: int = 0,
     ) -> None:
         """
@@ -143,6 +144,8 @@ class MLLMModule(L.LightningModule):
             p_null: null-prompt dropout of the text condition of t2i, class and edit (guidance).
             token_order: order of the visual tokens in sequences (`mode`, `shuffle`, `seed`).
             class_names: label -> name for the class task (else the DataModule's `class_names`).
+            length_groups: a training batch goes through the LM in at most this many groups of rows of similar
+                length (`SequenceBatch.length_groups`; 1: one padded pass). Same loss, fewer padded tokens.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -152,6 +155,8 @@ class MLLMModule(L.LightningModule):
             raise ValueError(f"tokens must be on_the_fly or pretokenized, got {tokens!r}")
         if not 0 <= p_null < 1:
             raise ValueError(f"p_null must be in [0, 1), got {p_null}")
+        if length_groups < 1:
+            raise ValueError(f"length_groups must be >= 1, got {length_groups}")
         if max_text_tokens < 1:
             raise ValueError(f"max_text_tokens must be >= 1, got {max_text_tokens}")
         self.lm_config = None if pretrained is not None else (lm or LMConfig())
@@ -360,8 +365,12 @@ class MLLMModule(L.LightningModule):
         tasks = self.mix.draw(b, generator)
         null = null_prompts(tasks, self.hparams.p_null, generator)
         seq = self.sequences(batch, tasks, null, generator)
-        nll, mask = self.token_nll(seq)
-        parts = self._breakdown(seq, nll, mask)
+        parts: dict[str, torch.Tensor] = {}
+        # One LM pass per group of similar lengths: the same summed loss as one padded pass, on fewer tokens.
+        for group in seq.length_groups(self.hparams.length_groups):
+            nll, mask = self.token_nll(group)
+            for key, value in self._breakdown(group, nll, mask).items():
+                parts[key] = parts[key] + value if key in parts else value
         loss = parts["loss"][0] / parts["loss"][1].clamp(min=1)
         self.log("train/loss", loss, prog_bar=True, batch_size=b)
         rows = {key: tasks.count(key.removeprefix("loss_")) for key in parts}  # known on the host: no sync
