@@ -8,6 +8,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -274,7 +275,7 @@ def test_length_groups_give_the_loss_and_gradients_of_one_padded_pass(ddt_dir, c
         seq = module.sequences(batch, tasks, None, torch.Generator())
         assert len(seq.length_groups(groups)) == groups
         module._step_generator = lambda: torch.Generator().manual_seed(0)
-        module.mix.draw = lambda n, generator=None: tasks  # the mixed-length rows above
+        module.mix.draw = lambda n, generator=None, tasks=tasks: tasks  # the mixed-length rows above
         module.log = lambda *a, **k: None
         loss = module.training_step(batch, 0)
         loss.backward()
@@ -390,15 +391,17 @@ def test_ddt_fit_runs_the_tiny_llm_config(ddt_dir, tmp_path, monkeypatch):
 def test_a_resumed_run_continues_exactly(ddt_dir, captions, tmp_path):
     batches = [world_batch(4), world_batch(4)]  # an epoch of 2 steps, so the interruption is at an epoch's end
     for batch, seed in zip(batches, (1, 2)):
-        batch["image"] = batch["image"].roll(seed, dims=-1)
+        batch["image"] = batch["image"].roll(seed, dims=-1)  # different images: different DDT codes per batch
 
     def fit(steps: int, ckpt_path: Path | None = None) -> tuple[MLLMModule, L.Trainer]:
         torch.manual_seed(0)
         module = make_module(ddt_dir, captions, tasks={"t2i": 1, "i2t": 1, "edit": 1}, lr=3e-3)
+        # The checkpoint a real interruption leaves: written by ModelCheckpoint during training, at step 2.
+        every_2 = ModelCheckpoint(dirpath=tmp_path, filename="{step}", every_n_train_steps=2, save_top_k=-1)
         trainer = L.Trainer(
             max_steps=steps,
             logger=False,
-            enable_checkpointing=False,
+            callbacks=[every_2] if ckpt_path is None else [],
             enable_progress_bar=False,
             enable_model_summary=False,
             limit_val_batches=0,
@@ -407,11 +410,11 @@ def test_a_resumed_run_continues_exactly(ddt_dir, captions, tmp_path):
         return module, trainer
 
     reference, _ = fit(4)
-    _, interrupted = fit(2)
-    interrupted.save_checkpoint(tmp_path / "step2.ckpt")
-    checkpoint = torch.load(tmp_path / "step2.ckpt", weights_only=True)
+    step2 = tmp_path / "step=2.ckpt"
+    checkpoint = torch.load(step2, weights_only=True)
+    assert checkpoint["global_step"] == 2
     assert {"tokenizer.json", "tokenizer_config.json", "ddt_vocab.json"} <= set(checkpoint["mllm_vocab"]["files"])
-    resumed, trainer = fit(4, tmp_path / "step2.ckpt")
+    resumed, trainer = fit(4, step2)
     assert trainer.global_step == 4
     state, expected = resumed.state_dict(), reference.state_dict()
     assert state.keys() == expected.keys()

@@ -215,6 +215,7 @@ def test_evaluate_world_on_the_tiny_model(model):
     expected = {"geneval_overall", "caption_accuracy", "edit_success", "edit_l1"}
     expected |= {f"geneval/{c}" for c in categories} | {f"ceiling/geneval/{c}" for c in categories}
     expected |= {"ceiling/geneval_overall", "ceiling/edit_success", "ceiling/edit_l1"}
+    expected |= {f"caption/{a}" for a in ("parsed", "count", "shape", "colour", "size", "quadrant")}
     assert set(scores) == expected
     assert all(0.0 <= v <= 1.0 for v in scores.values()), scores
     assert json.loads(json.dumps(scores)) == dict(scores)
