@@ -96,6 +96,7 @@ def run_pipeline(
     guidance: float = 3.0,
     edit_guidance: float | None = None,
     top_k: int | None = None,
+    decode_guidance: float = 2.0,
     seed: int = 0,
 ) -> dict[str, Any]:
     """Run (or reuse) the four stages; returns the summary printed on the last line.
@@ -108,6 +109,8 @@ def run_pipeline(
         experiment_name: the MLflow experiment of every stage's run.
         num_prompts, num_captions, num_edits: held-out GenEval prompts, images to caption, edits to make.
         guidance, edit_guidance, top_k: sampling of the evaluation (edit_guidance defaults to guidance).
+        decode_guidance: the DDT decoder's own guidance when it draws the generated tokens (the tokenizer's
+            sampler setting in configs/main.yaml).
         seed: the evaluation's sampling seed.
     """
     from ddt_lightning.pretokenize import main as pretokenize_main
@@ -145,6 +148,7 @@ def run_pipeline(
     args = ["--model", str(llm_dir), "--mlflow", "--experiment_name", experiment_name, "--run_name", "evaluate"]
     args += ["--num_prompts", str(num_prompts), "--num_captions", str(num_captions), "--num_edits", str(num_edits)]
     args += ["--guidance", str(guidance), "--seed", str(seed), "--output", str(llm_dir / "evaluation")]
+    args += ["--decode_guidance", str(decode_guidance)]
     if edit_guidance is not None:
         args += ["--edit_guidance", str(edit_guidance)]
     if top_k is not None:

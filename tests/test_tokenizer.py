@@ -105,6 +105,25 @@ def test_training_objective_trains_encoder_and_decoder():
         assert grad is not None and grad.abs().sum() > 0, name
 
 
+@pytest.mark.parametrize("gate_init", [0.0, 1.0])
+def test_the_encoder_sees_the_image_at_initialisation_only_with_open_gates(gate_init):
+    # AdaLN-Zero gates in the encoder make its output the same for every image at step 0 (the queries pass each
+    # block unchanged): the collapse that open gates (the default) avoid.
+    torch.manual_seed(0)
+    tok = DDTTokenizer(dataclasses.replace(MICRO, encoder_gate_init=gate_init))
+    assert MICRO.encoder_gate_init == 1.0
+    with torch.no_grad():
+        z = tok.encoder(images(4))  # (4, T, m)
+    spread = (z - z.mean(0)).abs().amax().item()
+    if gate_init == 0.0:
+        assert spread == 0.0
+    else:
+        assert spread > 1e-3
+    gates = tok.encoder.blocks[0].c_in.ada.bias.view(6, -1)
+    assert torch.all(gates[[2, 5]] == gate_init) and torch.all(gates[[0, 1, 3, 4]] == 0)
+    assert torch.all(tok.decoder.blocks[0].x_in.ada.bias == 0)  # the denoiser keeps AdaLN-Zero
+
+
 def test_a_few_steps_reduce_the_loss_on_a_fixed_batch():
     torch.manual_seed(0)
     tok = DDTTokenizer(MICRO).train()

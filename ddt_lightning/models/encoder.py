@@ -4,7 +4,10 @@ Two MMDiT streams with joint attention: patch embeddings of `x0` and T learnable
 outputs are kept, then `LayerNorm -> Linear(d, m)` gives the vectors the quantizer snaps to codes. With
 `per_position_adaln` each query index gets its own AdaLN modulation (as Selftok's encoder does); otherwise all
 queries share one learned modulation. The encoder has no time input: the image stream is modulated by a learned
-constant, which makes AdaLN an ordinary learned LayerNorm affine plus gates.
+constant, which makes AdaLN an ordinary learned LayerNorm affine plus gates. Its gates start open (`gate_init`):
+under AdaLN-Zero the queries would pass every block unchanged at initialisation, so every image would get the same
+tokens, and the quantizer's commitment loss (the only gradient the encoder gets until the decoder's own gates open)
+pulls towards exactly that collapse.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ class DDTEncoder(nn.Module):
         mlp_ratio: float = 4.0,
         qk_norm: bool = True,
         per_position_adaln: bool = True,
+        gate_init: float = 1.0,
     ) -> None:
         super().__init__()
         self.patch = PatchEmbed(image_size, patch_size, in_channels, dim)
@@ -37,7 +41,8 @@ class DDTEncoder(nn.Module):
         self.c_cond = nn.Parameter(torch.randn(1, num_tokens if per_position_adaln else 1, dim) * 0.02)
         # The last block only needs to update the query stream: the image stream's output is never read.
         self.blocks = nn.ModuleList(
-            JointBlock(dim, heads, mlp_ratio, qk_norm, update_x=i < depth - 1) for i in range(depth)
+            JointBlock(dim, heads, mlp_ratio, qk_norm, update_x=i < depth - 1, gate_init=gate_init)
+            for i in range(depth)
         )
         self.norm = nn.LayerNorm(dim)
         self.out = nn.Linear(dim, token_dim)

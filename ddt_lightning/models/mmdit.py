@@ -36,7 +36,7 @@ class Mlp(nn.Module):
 class StreamIn(nn.Module):
     """Per-stream pre-attention half: AdaLN modulation and the q, k, v projections."""
 
-    def __init__(self, dim: int, heads: int, qk_norm: bool, with_output: bool) -> None:
+    def __init__(self, dim: int, heads: int, qk_norm: bool, with_output: bool, gate_init: float = 0.0) -> None:
         super().__init__()
         self.heads = heads
         # Modulation vectors: (shift, scale, gate) for attention, and again for the MLP when the stream is updated.
@@ -50,6 +50,9 @@ class StreamIn(nn.Module):
         self.k_norm = nn.RMSNorm(dim // heads, eps=1e-6) if qk_norm else nn.Identity()
         nn.init.zeros_(self.ada.weight)
         nn.init.zeros_(self.ada.bias)
+        if with_output:  # gates are modulation vectors 2 (attention) and 5 (MLP); shifts and scales start at 0
+            with torch.no_grad():
+                self.ada.bias.view(self.num_mod, dim)[[2, 5]] = gate_init
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor) -> tuple[torch.Tensor, ...]:
         # x: (B, L, D); cond: (B or 1, 1 or L, D)
@@ -81,6 +84,10 @@ class JointBlock(nn.Module):
     `update_x=False` / `update_c=False` make a stream key/value-only in this block (the SD3 "context_pre_only"
     idea): the decoder's last block need not update the context, the encoder's last block need not update the
     image stream, since neither output is read.
+
+    `gate_init` is the initial value of the residual gates. 0 is AdaLN-Zero: every block starts as the identity,
+    which suits the denoiser. A stream whose output must carry information from the start - the encoder's queries -
+    needs open gates: with closed ones the encoder's output is the same for every image until the gates grow.
     """
 
     def __init__(
@@ -91,13 +98,14 @@ class JointBlock(nn.Module):
         qk_norm: bool = True,
         update_x: bool = True,
         update_c: bool = True,
+        gate_init: float = 0.0,
     ) -> None:
         super().__init__()
         if dim % heads:
             raise ValueError(f"dim={dim} must be divisible by heads={heads}")
         self.update_x, self.update_c = update_x, update_c
-        self.x_in = StreamIn(dim, heads, qk_norm, update_x)
-        self.c_in = StreamIn(dim, heads, qk_norm, update_c)
+        self.x_in = StreamIn(dim, heads, qk_norm, update_x, gate_init)
+        self.c_in = StreamIn(dim, heads, qk_norm, update_c, gate_init)
         self.x_out = StreamOut(dim, mlp_ratio) if update_x else None
         self.c_out = StreamOut(dim, mlp_ratio) if update_c else None
 
