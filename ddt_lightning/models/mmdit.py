@@ -58,7 +58,8 @@ class StreamIn(nn.Module):
         # x: (B, L, D); cond: (B or 1, 1 or L, D)
         mods = self.ada(F.silu(cond)).chunk(self.num_mod, dim=-1)
         h = modulate(self.norm(x), mods[0], mods[1])
-        proj = rearrange(self.qkv(h), "b l (n h d) -> n b h l d", n=self.num_proj, h=self.heads)
+        # unbind, not indexing: its backward stacks the three gradients instead of zero-filling a buffer per slice.
+        proj = rearrange(self.qkv(h), "b l (n h d) -> n b h l d", n=self.num_proj, h=self.heads).unbind(0)
         q = self.q_norm(proj[0]) if self.num_proj == 3 else None
         return q, self.k_norm(proj[-2]), proj[-1], mods[2:]
 
@@ -128,10 +129,13 @@ class JointBlock(nn.Module):
         v = torch.cat([vx, vc], dim=2)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         out = rearrange(out, "b h l d -> b l (h d)")
+        # Queries are [x (if updated), c (if updated)]: split (backward: one cat) rather than slice each stream.
+        sizes = [size for size, updated in ((n, self.x_out), (c.shape[1], self.c_out)) if updated is not None]
+        parts = iter(out.split(sizes, dim=1))
         if self.x_out is not None:
-            x = self.x_out(x, out[:, :n], mods_x)
+            x = self.x_out(x, next(parts), mods_x)
         if self.c_out is not None:
-            c = self.c_out(c, out[:, -c.shape[1] :], mods_c)
+            c = self.c_out(c, next(parts), mods_c)
         return x, c
 
 
