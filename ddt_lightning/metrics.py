@@ -27,6 +27,8 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
+from ddt_lightning.models.quantizer import code_perplexity
+
 __all__ = ["CodebookUsage", "PrefixCurve", "psnr_01", "ssim_01", "to_unit_range"]
 
 
@@ -58,14 +60,6 @@ def ssim_01(preds: Tensor, target: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------------------------------------------------
 # Codebook usage and perplexity, overall and per token position
 # ----------------------------------------------------------------------------------------------------------------------
-
-
-def _perplexity(counts: Tensor) -> Tensor:
-    """exp(entropy) of the distribution(s) along the last axis of `counts` (..., K); 1 for an all-zero row."""
-    counts = counts.double()
-    probs = counts / counts.sum(dim=-1, keepdim=True).clamp_min(1.0)  # (..., K)
-    entropy = -torch.special.xlogy(probs, probs).sum(dim=-1)  # (...,), with 0 log 0 = 0
-    return entropy.exp()
 
 
 class CodebookUsage(Metric):
@@ -113,9 +107,9 @@ class CodebookUsage(Metric):
         overall = per_position.sum(dim=0, dtype=torch.int64)  # (K,)
         return {
             "usage": (overall > 0).float().mean(),
-            "perplexity": _perplexity(overall).float(),
+            "perplexity": code_perplexity(overall).float(),
             "usage_per_position": (per_position > 0).float().mean(dim=-1),  # (T,)
-            "perplexity_per_position": _perplexity(per_position).float(),  # (T,)
+            "perplexity_per_position": code_perplexity(per_position).float(),  # (T,)
         }
 
 

@@ -32,7 +32,7 @@ def test_codebook_usage_uniform_and_empty() -> None:
     metric = CodebookUsage(codebook_size=8, num_positions=3)
     with pytest.warns(UserWarning, match="before the ``update``"):
         empty = metric.compute()
-    assert empty["usage"].item() == 0.0 and empty["perplexity"].item() == pytest.approx(1.0)
+    assert empty["usage"].item() == 0.0 and empty["perplexity"].item() == 0.0
 
     # Each position cycles through all 8 codes: perplexity is exactly K everywhere.
     indices = torch.stack([torch.arange(8), (torch.arange(8) + 3) % 8, torch.arange(8).flip(0)], dim=1)  # (8, 3)

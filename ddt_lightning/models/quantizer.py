@@ -42,12 +42,14 @@ class QuantizerOutput(NamedTuple):
     commit_loss: Tensor  # () commitment_weight * mse(z, sg(q))
 
 
-def _perplexity(counts: Tensor) -> Tensor:
-    """exp(entropy) of the distribution given by non-negative `counts` along the last axis; 0 where all are zero."""
+def code_perplexity(counts: Tensor) -> Tensor:
+    """exp(entropy) of the distribution(s) given by non-negative `counts` along the last axis (..., K) -> (...,):
+    K for uniform use of K codes, 1 for a single code, 0 where nothing was counted. Shared by the quantizer's
+    training statistics and the evaluation metrics (`ddt_lightning.metrics.CodebookUsage`)."""
     counts = counts.double()
     total = counts.sum(-1, keepdim=True)
     p = counts / total.clamp_min(1)
-    entropy = -(p * torch.log(p.clamp_min(1e-300))).sum(-1)
+    entropy = -torch.special.xlogy(p, p).sum(-1)  # 0 log 0 = 0
     return torch.where(total.squeeze(-1) > 0, entropy.exp(), torch.zeros_like(entropy))
 
 
@@ -409,11 +411,11 @@ class VectorQuantizer(nn.Module):
         counts = self.code_counts
         stats: dict[str, float | Tensor] = {
             "usage": float((counts > 0).double().mean()),
-            "perplexity": float(_perplexity(counts)),
+            "perplexity": float(code_perplexity(counts)),
         }
         if self.track_position_usage:
             pos_usage = (self.position_counts > 0).double().mean(-1)  # (T,)
-            pos_ppl = _perplexity(self.position_counts)  # (T,)
+            pos_ppl = code_perplexity(self.position_counts)  # (T,)
             stats |= {
                 "position_usage": pos_usage,
                 "position_perplexity": pos_ppl,
