@@ -162,23 +162,27 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.prompt_len < 2:
         parser.error("--prompt-len must be >= 2 (<bos> and <boi>)")
+    threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
-    result = run(
-        args.batch_size,
-        args.prompt_len,
-        args.tokens,
-        args.codes,
-        args.text_vocab,
-        args.hidden,
-        args.layers,
-        args.heads,
-        args.guidance,
-        args.top_k,
-        args.repeats,
-        args.seed,
-    )
+    try:
+        result = run(
+            args.batch_size,
+            args.prompt_len,
+            args.tokens,
+            args.codes,
+            args.text_vocab,
+            args.hidden,
+            args.layers,
+            args.heads,
+            args.guidance,
+            args.top_k,
+            args.repeats,
+            args.seed,
+        )
+    finally:  # the thread count is process-global: a caller in the same process keeps its own
+        torch.set_num_threads(threads)
     print(json.dumps(result), flush=True)
 
 
