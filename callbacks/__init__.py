@@ -2,5 +2,6 @@
 
 from ddt_lightning.callbacks.dead_code import DeadCodeRestart
 from ddt_lightning.callbacks.image_grids import ReconstructionGrids
+from ddt_lightning.callbacks.samples import GenerationSamples
 
-__all__ = ["DeadCodeRestart", "ReconstructionGrids"]
+__all__ = ["DeadCodeRestart", "GenerationSamples", "ReconstructionGrids"]

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -420,3 +421,63 @@ def test_a_resumed_run_continues_exactly(ddt_dir, captions, tmp_path):
     assert state.keys() == expected.keys()
     for key in expected:
         assert torch.equal(state[key], expected[key]), key
+
+
+def test_generation_samples_log_reconstructions_over_samples_and_leave_training_alone(ddt_dir, captions, tmp_path):
+    from PIL import Image
+
+    from ddt_lightning.callbacks import GenerationSamples
+    from ddt_lightning.images import make_grid
+    from ddt_lightning.tracking import MLflowLogger
+
+    train, held_out = [world_batch(4), world_batch(4, edits=True)], world_batch(3)
+    held_out["caption"] = ["small red circle", "large blue square", "small green triangle"]
+
+    def fit(callbacks: list, logger=False) -> MLLMModule:
+        torch.manual_seed(0)
+        module = make_module(ddt_dir, captions, tasks={"t2i": 1, "i2t": 1}, lr=3e-3)
+        trainer = L.Trainer(
+            max_steps=4,
+            logger=logger,
+            callbacks=callbacks,
+            val_check_interval=2,
+            num_sanity_val_steps=0,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+        trainer.fit(module, DataLoader(train, batch_size=None), DataLoader([held_out], batch_size=None))
+        return module
+
+    samples = GenerationSamples(num_samples=2, guidance=2.0, decode_steps=2, seed=5)
+    logger = MLflowLogger(experiment_name="samples", tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    with_samples, without = fit([samples], logger), fit([])
+    for key, value in without.lm.state_dict().items():  # sampling left the LM and its training unchanged
+        assert torch.equal(with_samples.lm.state_dict()[key], value), key
+
+    # Row 1: the DDT tokenizer's reconstruction of the held-out images, from the callback's seeded generator.
+    ddt = with_samples.ddt
+    expected = ddt.decode(ddt.encode(held_out["image"][:2]), steps=2, generator=torch.Generator().manual_seed(5))
+    grid = samples.last_samples["grid"]
+    assert grid.shape == (2 * 17 + 1, 2 * 17 + 1, 3)  # 2 rows (reconstruction, sample) x 2 examples of 16 px
+    assert (grid[:18] == make_grid(expected, nrow=2)[:18]).all()
+    assert samples.last_samples["captions"] == held_out["caption"][:2]
+    assert all(isinstance(text, str) for text in samples.last_samples["generated_captions"])
+
+    # Both validations logged the grid and the caption table to the run.
+    client = logger.experiment
+    root = Path(client.download_artifacts(logger.run_id, "images/val", str(tmp_path / "artifacts")))
+    assert sorted(p.name for p in root.iterdir()) == [
+        "samples_step0000002.png",
+        "samples_step0000002.txt",
+        "samples_step0000004.png",
+        "samples_step0000004.txt",
+    ]
+    assert (np.asarray(Image.open(root / "samples_step0000004.png")) == grid).all()
+    lines = (root / "samples_step0000004.txt").read_text().splitlines()
+    assert [line.split("\t")[0] for line in lines] == held_out["caption"][:2]
+
+    # Without a DDT tokenizer to decode with, the callback fails at setup, naming the key.
+    pretokenized = MLLMModule(lm=MICRO_LM, tokens="pretokenized", num_codes=64, num_tokens=8)
+    with pytest.raises(ValueError, match=r"model\.init_args\.tokenizer_path"):
+        samples.setup(L.Trainer(logger=False), pretokenized, "fit")

@@ -329,31 +329,46 @@ class DDTLlama:
     ) -> list[str]:
         """A caption per image (B, 3, R, R) in [-1, 1]; greedy unless `do_sample`. Only text ids can be emitted."""
         images = self._check_images(images)
+        captions: list[str] = []
+        for part in _bar(_chunks(images.shape[0], batch_size), "captions", progress):
+            codes = self.ddt.encode(images[part])
+            captions += self.caption_codes(codes, max_new_tokens, do_sample, temperature, top_k, top_p, generator)
+        return captions
+
+    @torch.inference_mode()
+    def caption_codes(
+        self,
+        codes: torch.Tensor,
+        max_new_tokens: int = DEFAULT_MAX_TEXT_TOKENS,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        generator: torch.Generator | None = None,
+    ) -> list[str]:
+        """`caption` from DDT codes (B, T) in DDT's order (pre-tokenized images), in one batch."""
         ids = self.vocab.ids
         # Every id from <v0> to the end of the logits is visual or padding; the specials are not text either.
         non_text = range(self.vocab.visual_offset, self.logits_width)
         specials = (ids.boi, ids.eoi, ids.null, ids.pad, ids.bos)
-        captions: list[str] = []
-        for part in _bar(_chunks(images.shape[0], batch_size), "captions", progress):
-            prompts = self.caption_prompts(self.ddt.encode(images[part]), generator)
-            seeded = do_sample and generator is not None
-            with torch.random.fork_rng(devices=[], enabled=seeded):
-                if seeded:  # model.generate draws from the global RNG: seed it from `generator`, then restore it
-                    torch.manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
-                rows = generate_text(
-                    self.lm,
-                    prompts,
-                    ids.eos,
-                    max_new_tokens,
-                    non_text,
-                    forbid_ids=specials,
-                    do_sample=do_sample,
-                    temperature=temperature,
-                    top_k=top_k,
-                    top_p=top_p,
-                )
-            captions += self.vocab.decode_text(rows)
-        return captions
+        prompts = self.caption_prompts(codes, generator)
+        seeded = do_sample and generator is not None
+        with torch.random.fork_rng(devices=[], enabled=seeded):
+            if seeded:  # model.generate draws from the global RNG: seed it from `generator`, then restore it
+                torch.manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
+            rows = generate_text(
+                self.lm,
+                prompts,
+                ids.eos,
+                max_new_tokens,
+                non_text,
+                forbid_ids=specials,
+                do_sample=do_sample,
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+            )
+        return self.vocab.decode_text(rows)
 
     @torch.inference_mode()
     def edit(
