@@ -67,6 +67,7 @@ class TokenizerConfig:
     sampler_shift: float = 3.0  # the same shift applied to the sampler's time grid
     p_uncond: float = 0.1
     p_prefix: float = 0.1
+    edge_weight: float = 0.0  # weight of the x0 error's spatial differences in the loss (0: plain MSE; see forward)
     vae_path: str | None = None  # a local diffusers AutoencoderKL folder: work in its latent space
     vae_downsample: int = 8
 
@@ -78,6 +79,7 @@ class TokenizerConfig:
             "codebook_size": self.codebook_size > 1,
             "p_uncond": 0 <= self.p_uncond < 1,
             "p_prefix": 0 <= self.p_prefix < 1,
+            "edge_weight": self.edge_weight >= 0,
             "time_shift": self.time_shift > 0,
             "sampler_shift": self.sampler_shift > 0,
             "prediction": self.prediction in ("x0", "velocity"),
@@ -145,10 +147,11 @@ PRESETS: dict[str, TokenizerConfig] = {
 
 
 class TokenizerLosses(NamedTuple):
-    loss: torch.Tensor  # total: diffusion + commitment
+    loss: torch.Tensor  # total: diffusion + commitment (+ edge_weight x edge)
     diffusion: torch.Tensor
     commitment: torch.Tensor
     indices: torch.Tensor  # (B, T) code ids of the batch
+    edge: torch.Tensor  # mean squared spatial difference of the x0 error (0 when edge_weight = 0)
 
 
 class DDTTokenizer(nn.Module):
@@ -233,7 +236,17 @@ class DDTTokenizer(nn.Module):
         pred = self.decoder(x_t, t, q.quantized, visible)
         target = x0 if cfg.prediction == "x0" else eps - x0
         diffusion = F.mse_loss(pred, target)
-        return TokenizerLosses(diffusion + q.commit_loss, diffusion, q.commit_loss, q.indices)
+        loss = diffusion + q.commit_loss
+        edge = diffusion.new_zeros(())
+        if cfg.edge_weight > 0:
+            # A frequency weighting of the same regression: the MSE of the x0 error's horizontal and vertical
+            # differences. Its minimiser is still E[x0 | x_t, tokens] (differencing is linear), so the decoder's
+            # target is unchanged; what changes is the weight of edges, which the pixel MSE gives almost none at
+            # small scale (an object's shape is a few border pixels) - so the tokens are pushed to carry them.
+            error = pred - x0 if cfg.prediction == "x0" else tb * (target - pred)  # x0 error; v = eps - x0
+            edge = error.diff(dim=-1).pow(2).mean() + error.diff(dim=-2).pow(2).mean()
+            loss = loss + cfg.edge_weight * edge
+        return TokenizerLosses(loss, diffusion, q.commit_loss, q.indices, edge)
 
     # --------------------------------------------------------------------------------------------- inference
     @torch.no_grad()

@@ -105,6 +105,37 @@ def test_training_objective_trains_encoder_and_decoder():
         assert grad is not None and grad.abs().sum() > 0, name
 
 
+@pytest.mark.parametrize("prediction", ["x0", "velocity"])
+def test_the_edge_term_is_the_x0_errors_spatial_differences(prediction):
+    # Same weights and draws with edge_weight 0 and 0.5: only the total changes, by 0.5 x edge, and edge is the
+    # mean squared horizontal + vertical difference of the decoder's x0 error (recomputed here from its inputs).
+    base = dataclasses.replace(MICRO, prediction=prediction)
+    x = images(4)
+    seen = {}
+    outs = {}
+    for weight in (0.0, 0.5):
+        torch.manual_seed(0)
+        tok = DDTTokenizer(dataclasses.replace(base, edge_weight=weight))
+        hook = tok.decoder.register_forward_hook(lambda m, args, out: seen.update(args=args, out=out))
+        outs[weight] = tok(x, generator=torch.Generator().manual_seed(1))
+        hook.remove()
+    plain, edged = outs[0.0], outs[0.5]
+    assert plain.edge == 0 and torch.equal(plain.loss, plain.diffusion + plain.commitment)
+    assert torch.equal(plain.diffusion, edged.diffusion) and torch.equal(plain.commitment, edged.commitment)
+    x_t, t = seen["args"][:2]
+    tb = t.view(-1, 1, 1, 1)
+    x0_hat = seen["out"] if prediction == "x0" else x_t - tb * seen["out"]  # x_t = t eps + (1 - t) x0, v = eps - x0
+    error = x0_hat - x
+    expected = ((error[..., :, 1:] - error[..., :, :-1]) ** 2).mean() + (
+        (error[..., 1:, :] - error[..., :-1, :]) ** 2
+    ).mean()
+    torch.testing.assert_close(edged.edge, expected, rtol=1e-4, atol=1e-6)
+    assert edged.edge > 0
+    torch.testing.assert_close(edged.loss, plain.loss + 0.5 * edged.edge)
+    with pytest.raises(ValueError, match="edge_weight"):
+        TokenizerConfig(edge_weight=-1.0)
+
+
 @pytest.mark.parametrize("gate_init", [0.0, 1.0])
 def test_the_encoder_sees_the_image_at_initialisation_only_with_open_gates(gate_init):
     # AdaLN-Zero gates in the encoder make its output the same for every image at step 0 (the queries pass each

@@ -76,6 +76,8 @@ class TokenizerModule(L.LightningModule):
         self.log("train/loss", out.loss, prog_bar=True, batch_size=b)
         self.log("train/diffusion", out.diffusion, batch_size=b)
         self.log("train/commitment", out.commitment, batch_size=b)
+        if self.tokenizer.config.edge_weight > 0:
+            self.log("train/edge", out.edge, batch_size=b)
         return out.loss
 
     def _step_generator(self) -> torch.Generator:
