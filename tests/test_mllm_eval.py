@@ -216,6 +216,7 @@ def test_evaluate_world_on_the_tiny_model(model):
     expected |= {f"geneval/{c}" for c in categories} | {f"ceiling/geneval/{c}" for c in categories}
     expected |= {"ceiling/geneval_overall", "ceiling/edit_success", "ceiling/edit_l1"}
     expected |= {f"caption/{a}" for a in ("parsed", "count", "shape", "colour", "size", "quadrant")}
+    expected |= {f"{p}read/{a}" for p in ("", "ceiling/") for a in ("shape", "colour", "size", "quadrant")}
     assert set(scores) == expected
     assert all(0.0 <= v <= 1.0 for v in scores.values()), scores
     assert json.loads(json.dumps(scores)) == dict(scores)
@@ -265,6 +266,9 @@ def test_an_oracle_scores_one_and_a_wrong_model_does_not():
     assert wrong["geneval_overall"] == geneval_scores(shifted, prompts)["overall"]  # the checker's own aggregate
     assert wrong["geneval_overall"] < 0.9 and wrong["caption_accuracy"] < 0.5 and wrong["edit_success"] < 0.5
     assert wrong["edit_l1"] > 0.01 and wrong["ceiling/edit_success"] == 1.0
+    # Another scene's objects: each attribute agrees only by chance (4 shapes, 6 colours, 2 sizes, 4 quadrants).
+    assert wrong["read/shape"] < 0.6 and wrong["read/colour"] < 0.5 and wrong["read/quadrant"] < 0.6
+    assert wrong["ceiling/read/shape"] == 1.0
 
 
 # -------------------------------------------------------------------------------------------------------- commands

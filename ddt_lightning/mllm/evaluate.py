@@ -15,6 +15,9 @@ Every figure is computed on held-out data: the test stream of `WorldDataModule(s
 - **Ceilings** (`ceiling/...`, optional): the same scores of the DDT tokenizer's own reconstructions (encode ->
   decode, same steps and generator) of the ground-truth images and edited images: an LM that emits exactly the
   right codes reaches these, so they bound what the LM can reach through this tokenizer.
+- **Readability** (`read/<attribute>`, `ceiling/read/<attribute>`): per object of the prompts' scenes, whether the
+  object the checker matches to it (nearest centroid) in the generated image, or in the reconstruction, has its
+  shape, colour, size and quadrant (`geneval.attribute_agreement`): which attribute the images lose.
 
 All values lie in [0, 1]. `evaluate_world` returns them as a dict that also carries sample images for grids.
 Each generation and scoring loop has a tqdm bar on stderr. Pure PyTorch (no Lightning).
@@ -33,8 +36,10 @@ from ddt_lightning.data.images import uint8_to_tensor
 from ddt_lightning.geneval import (
     CAPTION_ATTRIBUTES,
     CATEGORIES,
+    attribute_agreement,
     caption_accuracy,
     caption_attribute_scores,
+    detect_objects,
     edit_l1,
     edit_success,
     geneval_suite,
@@ -93,6 +98,15 @@ def _geneval(images: np.ndarray, prompts: list, desc: str, progress: bool) -> di
     tested = [c for c in CATEGORIES if any(c in r for r in results)]
     categories = {c: float(np.mean([r[c] for r in results if c in r])) for c in tested}
     return {"overall": float(np.mean(list(categories.values()))), **categories}
+
+
+def _readability(images: np.ndarray, scenes: list, prefix: str) -> dict[str, float]:
+    """`<prefix>read/<attribute>`: the fraction of scene objects whose matched detection has that attribute."""
+    agree: dict[str, list[bool]] = {}
+    for image, scene in zip(images, scenes):
+        for attribute, values in attribute_agreement(detect_objects(image), scene).items():
+            agree.setdefault(attribute, []).extend(values)
+    return {f"{prefix}read/{attribute}": float(np.mean(values)) for attribute, values in agree.items() if values}
 
 
 def _edit_scores(edited: np.ndarray, samples: list, desc: str, progress: bool) -> dict[str, float]:
@@ -162,6 +176,7 @@ def evaluate_world(
         found = _geneval(to_numpy_images(generated), prompts, "GenEval reader", progress)
         scores["geneval_overall"] = found.pop("overall")
         scores |= {f"geneval/{category}": value for category, value in found.items()}
+        scores |= _readability(to_numpy_images(generated), [p.scene for p in prompts], "")
         references = from_numpy_images([p.reference for p in prompts])
         scores.samples["t2i/reference"], scores.samples["t2i/generated"] = references[keep], generated[keep].cpu()
         if ceilings:
@@ -169,6 +184,7 @@ def evaluate_world(
             found = _geneval(to_numpy_images(rebuilt), prompts, "GenEval reader (ceiling)", progress)
             scores["ceiling/geneval_overall"] = found.pop("overall")
             scores |= {f"ceiling/geneval/{category}": value for category, value in found.items()}
+            scores |= _readability(to_numpy_images(rebuilt), [p.scene for p in prompts], "ceiling/")
             scores.samples["t2i/reconstructed"] = rebuilt[keep].cpu()
 
     world = held_out_world(seed, resolution, max_objects)
