@@ -58,6 +58,7 @@ class GenerationSamples(L.Callback):
         self.seed = seed
         self._ddt = None  # the frozen DDT tokenizer when the module has none (pretokenized runs)
         self._held_out: dict[str, Any] | None = None
+        self.last_samples: dict[str, Any] | None = None  # the last logged grid, captions and generated captions
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
