@@ -48,6 +48,13 @@ def test_pipeline_runs_every_stage_then_reuses_them(tmp_path, monkeypatch, capsy
     experiment = client.get_experiment_by_name("ddt-tests")
     names = sorted(r.info.run_name or "" for r in client.search_runs([experiment.experiment_id]))
     assert len(names) == 3 and "evaluate" in names  # tokenizer fit, LLM fit, evaluation: one experiment
+    # The LLM's validations logged GenerationSamples (pretokenized: decoded with the exported DDT tokenizer).
+    logged = {
+        a.path
+        for r in client.search_runs([experiment.experiment_id])
+        for a in client.list_artifacts(r.info.run_id, "images/val")
+    }
+    assert {"images/val/samples_step0000004.png", "images/val/samples_step0000004.txt"} <= logged, logged
 
     weights = Path("llm/lm/model.safetensors").stat().st_mtime_ns
     again, err = run(capsys)

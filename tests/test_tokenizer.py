@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from ddt_lightning import DDTTokenizer
+from ddt_lightning.data.images import uint8_to_tensor
 from ddt_lightning.data.world import World
 from ddt_lightning.models.decoder import DDTDecoder
 from ddt_lightning.tokenizer import PRESETS, TokenizerConfig
@@ -153,6 +154,26 @@ def test_the_encoder_sees_the_image_at_initialisation_only_with_open_gates(gate_
     gates = tok.encoder.blocks[0].c_in.ada.bias.view(6, -1)
     assert torch.all(gates[[2, 5]] == gate_init) and torch.all(gates[[0, 1, 3, 4]] == 0)
     assert torch.all(tok.decoder.blocks[0].x_in.ada.bias == 0)  # the denoiser keeps AdaLN-Zero
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_kmeans_init_makes_the_tokens_tell_images_apart_from_the_first_step(seed):
+    # At initialisation the encoder's outputs for different images differ little (spread ~0.01 on the unit sphere)
+    # and a random codebook sends them all to one to three codes per position: the first tokens carry almost
+    # nothing. k-means on the first batch places the codes among those outputs, so the same small differences
+    # already select different codes. (Measured on the main job: this alone does not prevent the collapse, README.)
+    world = World(seed=0, resolution=16, supersample=1)
+    x = torch.stack([uint8_to_tensor(world.image_and_caption(i)[0]) for i in range(64)])
+    distinct = {}
+    for kmeans in (False, True):
+        torch.manual_seed(seed)
+        tok = DDTTokenizer(dataclasses.replace(MICRO, kmeans_init=kmeans)).train()
+        with torch.no_grad():
+            tok.quantizer(tok.encoder(x[:8]))  # the first batch: 8 x T = 64 = K vectors (k-means runs on it)
+            indices = tok.quantizer(tok.encoder(x)).indices  # (64, T)
+        distinct[kmeans] = [len(set(indices[:, j].tolist())) for j in range(MICRO.num_tokens)]
+    assert max(distinct[False]) <= 3, distinct  # 64 different images, at most 3 different codes per position
+    assert min(distinct[True]) >= 6, distinct
 
 
 def test_a_few_steps_reduce_the_loss_on_a_fixed_batch():
