@@ -17,13 +17,12 @@ strategy would need every rank in each forward, so it is refused at setup.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 
-from ddt_lightning.images import artifact_file_name, log_image, make_grid
+from ddt_lightning.images import log_image, log_text, make_grid
 
 
 class GenerationSamples(L.Callback):
@@ -56,7 +55,6 @@ class GenerationSamples(L.Callback):
         self.temperature = temperature
         self.top_k = top_k
         self.seed = seed
-        self._ddt = None  # the frozen DDT tokenizer when the module has none (pretokenized runs)
         self._held_out: dict[str, Any] | None = None
         self.last_samples: dict[str, Any] | None = None  # the last logged grid, captions and generated captions
 
@@ -68,20 +66,10 @@ class GenerationSamples(L.Callback):
                 f"GenerationSamples samples on rank 0 alone, which a sharded strategy "
                 f"({type(trainer.strategy).__name__}) cannot do: remove it from trainer.callbacks"
             )
-        if getattr(pl_module, "ddt", None) is None and not pl_module.hparams.get("tokenizer_path"):
+        if pl_module.ddt is None and not pl_module.hparams.get("tokenizer_path"):
             raise ValueError(
                 "GenerationSamples decodes with the DDT tokenizer: set model.init_args.tokenizer_path (an export)"
             )
-
-    def _tokenizer(self, pl_module: L.LightningModule):
-        if getattr(pl_module, "ddt", None) is not None:
-            return pl_module.ddt
-        if self._ddt is None:
-            from ddt_lightning.tokenizer import DDTTokenizer
-
-            path = Path(pl_module.hparams.tokenizer_path).expanduser()
-            self._ddt = DDTTokenizer.from_pretrained(path).requires_grad_(False).eval()
-        return self._ddt.to(pl_module.device)
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         if batch_idx != 0 or dataloader_idx != 0 or not trainer.is_global_zero or trainer.sanity_checking:
@@ -94,7 +82,7 @@ class GenerationSamples(L.Callback):
         if "codes" in batch:
             codes = batch["codes"][:n]
         else:
-            codes = self._tokenizer(pl_module).encode(batch["image"][:n].to(pl_module.device))
+            codes = pl_module.frozen_ddt().encode(batch["image"][:n].to(pl_module.device))
         self._held_out = {"captions": list(captions[:n]), "codes": codes.detach().clone()}
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -110,7 +98,7 @@ class GenerationSamples(L.Callback):
             model = DDTLlama(
                 lm,
                 pl_module.vocab,
-                self._tokenizer(pl_module),
+                pl_module.frozen_ddt(),
                 pl_module.order,
                 max_text_tokens=pl_module.hparams.max_text_tokens,
                 decode_steps=self.decode_steps,
@@ -137,7 +125,4 @@ class GenerationSamples(L.Callback):
         log_image(trainer.loggers, "val/samples", grid, step)
         lines = "".join(f"{caption}\t{text}\n" for caption, text in zip(held_out["captions"], said))
         self.last_samples = {"grid": grid, "captions": held_out["captions"], "generated_captions": said}
-        for logger in trainer.loggers:
-            if hasattr(logger, "run_id") and hasattr(logger.experiment, "log_text"):
-                artifact = artifact_file_name("val/samples", step).rsplit(".", 1)[0] + ".txt"
-                logger.experiment.log_text(logger.run_id, lines, artifact)
+        log_text(trainer.loggers, "val/samples", lines, step)

@@ -24,7 +24,7 @@ from einops import rearrange
 from PIL import Image
 from torch import Tensor
 
-__all__ = ["artifact_file_name", "log_image", "make_grid", "save_png", "to_uint8"]
+__all__ = ["artifact_file_name", "log_image", "log_text", "make_grid", "save_png", "to_uint8"]
 
 
 def to_uint8(images: Tensor) -> Tensor:
@@ -64,26 +64,34 @@ def save_png(array: np.ndarray, path: str | Path) -> Path:
     return path
 
 
-def artifact_file_name(key: str, step: int) -> str:
-    """Artifact path of image `key` at `step`: `images/<key>_step<step:07d>.png`; '/' in the key makes subfolders."""
+def artifact_file_name(key: str, step: int, suffix: str = ".png") -> str:
+    """Artifact path of `key` at `step`: `images/<key>_step<step:07d><suffix>`; '/' in the key makes subfolders."""
     # MLflow rejects '..' and absolute paths in artifact names; keep only safe characters.
     safe = re.sub(r"[^A-Za-z0-9_\-./]", "_", key).replace("..", "_").strip("/")
-    return f"images/{safe}_step{step:07d}.png"
+    return f"images/{safe}_step{step:07d}{suffix}"
 
 
-def log_image(logger: Any, key: str, image: np.ndarray, step: int) -> None:
-    """Log `image` (H, W, 3) uint8 as a PNG artifact of each MLFlowLogger's run; a no-op for any other logger.
-
-    `logger` is one Lightning logger, a sequence of them (`trainer.loggers`), or None. Only global rank 0 logs
-    (Lightning's MLFlowLogger already hands other ranks a dummy experiment; this makes it explicit and skips the
-    PNG encoding there).
-    """
+def _mlflow_loggers(logger: Any) -> list[Any]:
+    """The MLFlowLoggers in `logger` (one Lightning logger, a sequence of them such as `trainer.loggers`, or None);
+    none outside global rank 0 (Lightning's MLFlowLogger already hands other ranks a dummy experiment; this makes it
+    explicit and skips the encoding there)."""
     from lightning.pytorch.loggers import MLFlowLogger
     from lightning.pytorch.utilities import rank_zero_only
 
     if rank_zero_only.rank != 0 or logger is None:
-        return
+        return []
     loggers: Sequence[Any] = logger if isinstance(logger, Sequence) else [logger]
-    for each in loggers:
-        if isinstance(each, MLFlowLogger):
-            each.experiment.log_image(each.run_id, image, artifact_file=artifact_file_name(key, step))
+    return [each for each in loggers if isinstance(each, MLFlowLogger)]
+
+
+def log_image(logger: Any, key: str, image: np.ndarray, step: int) -> None:
+    """Log `image` (H, W, 3) uint8 as a PNG artifact of each MLFlowLogger's run; a no-op for any other logger and
+    outside global rank 0."""
+    for each in _mlflow_loggers(logger):
+        each.experiment.log_image(each.run_id, image, artifact_file=artifact_file_name(key, step))
+
+
+def log_text(logger: Any, key: str, text: str, step: int) -> None:
+    """Log `text` as `images/<key>_step<step>.txt` beside the image of the same key (as `log_image`)."""
+    for each in _mlflow_loggers(logger):
+        each.experiment.log_text(each.run_id, text, artifact_file_name(key, step, ".txt"))

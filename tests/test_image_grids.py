@@ -60,6 +60,7 @@ def test_save_png_round_trip(tmp_path: Path) -> None:
 def test_artifact_file_name() -> None:
     assert artifact_file_name("val/recon", 42) == "images/val/recon_step0000042.png"
     assert artifact_file_name("../x y", 1) == "images/_/x_y_step0000001.png"
+    assert artifact_file_name("val/samples", 2, ".txt") == "images/val/samples_step0000002.txt"
 
 
 def test_log_image_to_mlflow_round_trip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

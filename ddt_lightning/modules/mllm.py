@@ -165,7 +165,7 @@ class MLLMModule(L.LightningModule):
         self.num_codes, self.num_tokens, self.image_size = self._image_token_shape()
         self.vocab: MultimodalVocab | None = None  # set by setup(), or by on_load_checkpoint()
         self.lm: torch.nn.Module | None = None  # built by configure_model()
-        self.ddt: DDTTokenizer | None = None  # frozen, loaded by setup(); not a registered submodule
+        self.ddt: DDTTokenizer | None = None  # frozen, loaded by frozen_ddt(); not a registered submodule
         self.class_names = list(class_names) if class_names is not None else None
         keys = ["loss", "loss_image", *[f"loss_{task}" for task in self.mix.active]]
         self.val_nll = TokenNLL(keys)
@@ -207,9 +207,20 @@ class MLLMModule(L.LightningModule):
             raise ValueError("the class task needs model.init_args.class_names (or a DataModule with class_names)")
         if self.vocab is None:
             self.vocab = self._make_vocab(datamodule)
-        if self.hparams.tokens == "on_the_fly" and self.ddt is None:
+        if self.hparams.tokens == "on_the_fly":
+            self.frozen_ddt()
+
+    def frozen_ddt(self) -> DDTTokenizer:
+        """The frozen DDT tokenizer of `tokenizer_path`, loaded once, on the module's device (encoding on the fly,
+        and decoding for `GenerationSamples`). It stays out of the state_dict and the optimizer."""
+        if self.ddt is None:
+            if self.hparams.tokenizer_path is None:
+                raise ValueError("no DDT tokenizer to load: set model.init_args.tokenizer_path (an export)")
             ddt = DDTTokenizer.from_pretrained(Path(self.hparams.tokenizer_path).expanduser())
-            object.__setattr__(self, "ddt", ddt.requires_grad_(False).eval())  # out of state_dict and optimizer
+            object.__setattr__(self, "ddt", ddt.requires_grad_(False).eval())
+        if next(self.ddt.parameters()).device != self.device:
+            self.ddt.to(self.device)
+        return self.ddt
 
     def _make_vocab(self, datamodule: Any = None) -> MultimodalVocab:
         hp = self.hparams
@@ -289,9 +300,7 @@ class MLLMModule(L.LightningModule):
             if with_targets and "edit_target" not in batch:
                 raise ValueError(f"the edit task needs the batch field 'edit_target' (it has {sorted(batch)})")
             images = torch.cat([batch["image"], batch["edit_target"]]) if with_targets else batch["image"]
-            if next(self.ddt.parameters()).device != self.device:
-                self.ddt.to(self.device)
-            both = self.ddt.encode(images)  # (B or 2B, T), no grad
+            both = self.frozen_ddt().encode(images)  # (B or 2B, T), no grad
             codes, targets = both.chunk(2) if with_targets else (both, None)
         if codes.shape[1] != self.num_tokens:
             raise ValueError(f"got {codes.shape[1]} codes per image, expected T = {self.num_tokens}")
