@@ -26,6 +26,7 @@ import torch
 from tqdm import tqdm
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
+from ddt_lightning.bench import torch_threads
 from ddt_lightning.mllm.generation import ImageSpan, generate_image_tokens
 
 BOS_ID, EOS_ID = 1, 2  # inside the text ids
@@ -162,11 +163,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.prompt_len < 2:
         parser.error("--prompt-len must be >= 2 (<bos> and <boi>)")
-    threads = torch.get_num_threads()
-    if args.threads:
-        torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
-    try:
+    with torch_threads(args.threads):
         result = run(
             args.batch_size,
             args.prompt_len,
@@ -181,8 +179,6 @@ def main(argv: list[str] | None = None) -> None:
             args.repeats,
             args.seed,
         )
-    finally:  # the thread count is process-global: a caller in the same process keeps its own
-        torch.set_num_threads(threads)
     print(json.dumps(result), flush=True)
 
 

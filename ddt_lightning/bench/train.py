@@ -26,6 +26,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
+from ddt_lightning.bench import torch_threads
 from ddt_lightning.tokenizer import DDTTokenizer, TokenizerConfig
 
 
@@ -110,14 +111,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
-    threads = torch.get_num_threads()
-    if args.threads:
-        torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
-    try:
+    with torch_threads(args.threads):
         result = run(args.batch_size, args.steps, args.windows, args.compile, args.preset)
-    finally:  # the thread count is process-global: a caller in the same process keeps its own
-        torch.set_num_threads(threads)
     print(json.dumps(result), flush=True)
 
 
