@@ -21,6 +21,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 
 from ddt_lightning.images import log_image, log_text, make_grid
 
@@ -56,6 +57,7 @@ class GenerationSamples(L.Callback):
         self.top_k = top_k
         self.seed = seed
         self._held_out: dict[str, Any] | None = None
+        self._warned = False  # about a validation batch without captions, once
         self.last_samples: dict[str, Any] | None = None  # the last logged grid, captions and generated captions
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -77,6 +79,11 @@ class GenerationSamples(L.Callback):
         captions = batch.get("caption")
         if not captions:
             self._held_out = None
+            if not self._warned:
+                self._warned = True
+                rank_zero_warn(
+                    f"GenerationSamples: the validation batch has no 'caption' (it has {sorted(batch)}): no samples"
+                )
             return
         n = min(self.num_samples, len(captions))
         if "codes" in batch:

@@ -481,3 +481,16 @@ def test_generation_samples_log_reconstructions_over_samples_and_leave_training_
     pretokenized = MLLMModule(lm=MICRO_LM, tokens="pretokenized", num_codes=64, num_tokens=8)
     with pytest.raises(ValueError, match=r"model\.init_args\.tokenizer_path"):
         samples.setup(L.Trainer(logger=False), pretokenized, "fit")
+
+
+def test_generation_samples_say_when_the_validation_data_has_no_captions():
+    from types import SimpleNamespace
+
+    from ddt_lightning.callbacks import GenerationSamples
+
+    samples, trainer = GenerationSamples(), SimpleNamespace(is_global_zero=True, sanity_checking=False)
+    batch = {"codes": torch.zeros(2, 8, dtype=torch.long)}
+    with pytest.warns(UserWarning, match=r"no 'caption' \(it has \['codes'\]\)"):
+        samples.on_validation_batch_end(trainer, None, None, batch, 0)
+    samples.on_validation_epoch_end(trainer, None)  # nothing held out: nothing sampled, nothing logged
+    assert samples.last_samples is None
