@@ -216,9 +216,13 @@ class DDTTokenizer(nn.Module):
             return self.vae.decode(latents / self.vae.config.scaling_factor + shift).sample
 
     # ---------------------------------------------------------------------------------------------- training
-    def forward(self, images: torch.Tensor, generator: torch.Generator | None = None) -> TokenizerLosses:
-        """images: (B, C, H, W) in [-1, 1] -> losses. Noise, times and dropouts come from `generator`."""
+    def forward(
+        self, images: torch.Tensor, generator: torch.Generator | None = None, edge_weight: float | None = None
+    ) -> TokenizerLosses:
+        """images: (B, C, H, W) in [-1, 1] -> losses. Noise, times and dropouts come from `generator`;
+        `edge_weight` overrides `config.edge_weight` for this step (the training module's warm-up)."""
         cfg = self.config
+        edge_weight = cfg.edge_weight if edge_weight is None else edge_weight
         x0 = self.to_latent(images)
         b, device = x0.shape[0], x0.device
         q = self.quantizer(self.encoder(x0))  # quantized (B, T, m), indices (B, T)
@@ -238,14 +242,14 @@ class DDTTokenizer(nn.Module):
         diffusion = F.mse_loss(pred, target)
         loss = diffusion + q.commit_loss
         edge = diffusion.new_zeros(())
-        if cfg.edge_weight > 0:
+        if edge_weight > 0:
             # A frequency weighting of the same regression: the MSE of the x0 error's horizontal and vertical
             # differences. Its minimiser is still E[x0 | x_t, tokens] (differencing is linear), so the decoder's
             # target is unchanged; what changes is the weight of edges, which the pixel MSE gives almost none at
             # small scale (an object's shape is a few border pixels) - so the tokens are pushed to carry them.
             error = pred - x0 if cfg.prediction == "x0" else tb * (target - pred)  # x0 error; v = eps - x0
             edge = error.diff(dim=-1).pow(2).mean() + error.diff(dim=-2).pow(2).mean()
-            loss = loss + cfg.edge_weight * edge
+            loss = loss + edge_weight * edge
         return TokenizerLosses(loss, diffusion, q.commit_loss, q.indices, edge)
 
     # --------------------------------------------------------------------------------------------- inference

@@ -28,6 +28,7 @@ class TokenizerModule(L.LightningModule):
         weight_decay: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.99),
         grad_clip_norm: float | None = 1.0,
+        edge_warmup_steps: int = 0,
         sampler_steps: int = 8,
         guidance: float = 1.0,
         prefix_tokens: list[int] | None = None,
@@ -72,13 +73,21 @@ class TokenizerModule(L.LightningModule):
             self.log("data/skipped", batch["num_skipped"].float(), reduce_fx="sum", batch_size=max(b, 1))
         if b == 0:  # every file of the batch was unreadable (counted above): nothing to learn from
             return None
-        out = self.tokenizer(images, generator=self._step_generator())
+        out = self.tokenizer(images, generator=self._step_generator(), edge_weight=self.edge_weight())
         self.log("train/loss", out.loss, prog_bar=True, batch_size=b)
         self.log("train/diffusion", out.diffusion, batch_size=b)
         self.log("train/commitment", out.commitment, batch_size=b)
         if self.tokenizer.config.edge_weight > 0:
             self.log("train/edge", out.edge, batch_size=b)
+            self.log("train/edge_weight", self.edge_weight(), batch_size=b)
         return out.loss
+
+    def edge_weight(self) -> float:
+        """`TokenizerConfig.edge_weight`, ramped linearly from 0 over the first `edge_warmup_steps` optimizer steps:
+        the edge term from step 0 collapses some runs (README), so the decoder first learns to read the tokens."""
+        ramp = self.hparams.edge_warmup_steps
+        factor = min(self.global_step / ramp, 1.0) if ramp > 0 else 1.0
+        return self.tokenizer.config.edge_weight * factor
 
     def _step_generator(self) -> torch.Generator:
         # Noise, times and dropouts are a function of (seed, step, rank) alone, so a run resumed from a checkpoint
