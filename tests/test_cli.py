@@ -80,10 +80,11 @@ def test_fit_logs_exports_and_prints_the_held_out_figures(tmp_path, monkeypatch,
     assert "config.yaml" in artifacts and "tokenizer/model.safetensors" in artifacts
     assert any(a.startswith("images/val") for a in artifacts) and any(a.startswith("images/test") for a in artifacts)
     assert any(a.startswith("metrics/test_per_position") for a in artifacts)
-    # The edge term's weight ramps from 0 to edge_weight = 0.5 over edge_warmup_steps = 4, then stays there.
+    # The edge term's weight is 0 until edge_start_step = 2, then ramps to edge_weight = 0.5 over
+    # edge_warmup_steps = 4 and stays there.
     ramp = [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "train/edge_weight")]
-    assert ramp and all(value == pytest.approx(0.5 * min(step / 4, 1.0)) for step, value in ramp), ramp
-    assert ramp[0][1] < 0.5 and ramp[-1][1] == pytest.approx(0.5)
+    assert ramp and all(value == pytest.approx(0.5 * min(max(step - 2, 0) / 4, 1.0)) for step, value in ramp), ramp
+    assert ramp[0][1] == 0 and 0 < ramp[2][1] < 0.5 and ramp[-1][1] == pytest.approx(0.5)
     config_text = Path(client.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path))).read_text()
     assert "codebook_size: 64" in config_text
 
