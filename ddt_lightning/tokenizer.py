@@ -146,6 +146,11 @@ PRESETS: dict[str, TokenizerConfig] = {
 }
 
 
+def edge_loss(error: torch.Tensor) -> torch.Tensor:
+    """Mean squared horizontal + vertical difference of an x0 error (B, C, H, W): the edge term of the loss."""
+    return error.diff(dim=-1).pow(2).mean() + error.diff(dim=-2).pow(2).mean()
+
+
 class TokenizerLosses(NamedTuple):
     loss: torch.Tensor  # total: diffusion + commitment (+ edge_weight x edge)
     diffusion: torch.Tensor
@@ -248,7 +253,7 @@ class DDTTokenizer(nn.Module):
             # target is unchanged; what changes is the weight of edges, which the pixel MSE gives almost none at
             # small scale (an object's shape is a few border pixels) - so the tokens are pushed to carry them.
             error = pred - x0 if cfg.prediction == "x0" else tb * (target - pred)  # x0 error; v = eps - x0
-            edge = error.diff(dim=-1).pow(2).mean() + error.diff(dim=-2).pow(2).mean()
+            edge = edge_loss(error)
             loss = loss + edge_weight * edge
         return TokenizerLosses(loss, diffusion, q.commit_loss, q.indices, edge)
 
