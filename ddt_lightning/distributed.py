@@ -44,3 +44,13 @@ def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(tensor) for _ in range(world_size())]
     dist.all_gather(parts, tensor.contiguous())
     return torch.cat(parts, dim=0)
+
+
+def all_reduce_mean_differentiable(tensor: torch.Tensor) -> torch.Tensor:
+    """Mean of `tensor` over ranks, out of place and differentiable (the gradient is all-reduced back): for a loss
+    term that depends on a statistic of the global batch, such as the quantizer's code entropy."""
+    if not is_distributed():
+        return tensor
+    from torch.distributed.nn.functional import all_reduce
+
+    return all_reduce(tensor, op=dist.ReduceOp.SUM) / world_size()

@@ -61,6 +61,8 @@ class TokenizerConfig:
     cosine_codes: bool = True
     codebook_decay: float = 0.99
     commitment_weight: float = 0.25
+    entropy_weight: float = 0.0  # the quantizer's code-entropy term (VectorQuantizer.entropy_weight); 0: off
+    entropy_temperature: float = 0.01
     kmeans_init: bool = False
     prediction: Literal["x0", "velocity"] = "x0"
     time_shift: float = 3.0  # SD3 shift of the training time distribution
@@ -152,11 +154,12 @@ def edge_loss(error: torch.Tensor) -> torch.Tensor:
 
 
 class TokenizerLosses(NamedTuple):
-    loss: torch.Tensor  # total: diffusion + commitment (+ edge_weight x edge)
+    loss: torch.Tensor  # total: diffusion + commitment + entropy (+ edge_weight x edge)
     diffusion: torch.Tensor
     commitment: torch.Tensor
     indices: torch.Tensor  # (B, T) code ids of the batch
     edge: torch.Tensor  # mean squared spatial difference of the x0 error (0 when edge_weight = 0)
+    entropy: torch.Tensor  # the quantizer's weighted code-entropy term (0 when entropy_weight = 0)
 
 
 class DDTTokenizer(nn.Module):
@@ -182,6 +185,8 @@ class DDTTokenizer(nn.Module):
             commitment_weight=cfg.commitment_weight,
             cosine=cfg.cosine_codes,
             kmeans_init=cfg.kmeans_init,
+            entropy_weight=cfg.entropy_weight,
+            entropy_temperature=cfg.entropy_temperature,
         )
         self.decoder = DDTDecoder(dim=cfg.decoder_dim, depth=cfg.decoder_depth, heads=cfg.decoder_heads, **common)
         self.token_map = TokenMap(cfg.num_tokens, cfg.stage_tokens)
@@ -245,7 +250,7 @@ class DDTTokenizer(nn.Module):
         pred = self.decoder(x_t, t, q.quantized, visible)
         target = x0 if cfg.prediction == "x0" else eps - x0
         diffusion = F.mse_loss(pred, target)
-        loss = diffusion + q.commit_loss
+        loss = diffusion + q.commit_loss + q.entropy_loss
         edge = diffusion.new_zeros(())
         if edge_weight > 0:
             # A frequency weighting of the same regression: the MSE of the x0 error's horizontal and vertical
@@ -255,7 +260,7 @@ class DDTTokenizer(nn.Module):
             error = pred - x0 if cfg.prediction == "x0" else tb * (target - pred)  # x0 error; v = eps - x0
             edge = edge_loss(error)
             loss = loss + edge_weight * edge
-        return TokenizerLosses(loss, diffusion, q.commit_loss, q.indices, edge)
+        return TokenizerLosses(loss, diffusion, q.commit_loss, q.indices, edge, q.entropy_loss)
 
     # --------------------------------------------------------------------------------------------- inference
     @torch.no_grad()

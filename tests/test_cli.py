@@ -85,6 +85,7 @@ def test_fit_logs_exports_and_prints_the_held_out_figures(tmp_path, monkeypatch,
     ramp = [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "train/edge_weight")]
     assert ramp and all(value == pytest.approx(0.5 * min(max(step - 2, 0) / 4, 1.0)) for step, value in ramp), ramp
     assert ramp[0][1] == 0 and 0 < ramp[2][1] < 0.5 and ramp[-1][1] == pytest.approx(0.5)
+    assert run.data.metrics["train/entropy"] < 0  # the code-entropy term is on (entropy_weight: 0.01)
     config_text = Path(client.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path))).read_text()
     assert "codebook_size: 64" in config_text
 

@@ -261,3 +261,66 @@ def test_threaded_search_works_under_inference_mode() -> None:
         assert torch.equal(got, torch.cdist(x, codebook).argmin(1))
     finally:
         torch.set_num_threads(threads)
+
+
+def test_code_entropy_gap_values_and_its_pull_apart() -> None:
+    vq = _vq(codebook_size=8, dim=4, num_positions=1, entropy_weight=1.0, entropy_temperature=1e-4)
+    codes = vq.codebook
+    # Each vector on its own code, confidently: per-vector entropy 0, batch entropy log 8.
+    torch.testing.assert_close(vq.code_entropy_gap(codes.clone()), torch.tensor(-math.log(8)), atol=1e-4, rtol=0)
+    # Every vector on one code: both entropies 0.
+    torch.testing.assert_close(vq.code_entropy_gap(codes[:1].repeat(8, 1)), torch.tensor(0.0), atol=1e-4, rtol=0)
+    # Two vectors near code 0, each leaning to another code: a gradient step on the gap moves them apart.
+    vq.entropy_temperature = 0.5
+    x = (codes[0] + 0.1 * torch.stack([codes[1] - codes[0], codes[2] - codes[0]])).requires_grad_()
+    vq.code_entropy_gap(x).backward()
+    moved = x.detach() - 0.05 * x.grad
+    assert (moved[0] - moved[1]).norm() > (x[0] - x[1]).detach().norm()
+
+
+def test_entropy_term_in_forward_only_when_training_with_a_weight() -> None:
+    z = torch.randn(4, 2, 4, requires_grad=True)
+    off = _vq(codebook_size=8, dim=4, num_positions=2).train()(z)
+    assert torch.equal(off.entropy_loss, torch.zeros(()))
+    vq = _vq(codebook_size=8, dim=4, num_positions=2, entropy_weight=0.5).train()
+    seen, gap = {}, vq.code_entropy_gap
+    vq.code_entropy_gap = lambda x: seen.setdefault("gap", (x, gap(x)))[1]  # before the EMA step moves the codes
+    out = vq(z)
+    torch.testing.assert_close(seen["gap"][0], F.normalize(z.reshape(8, 4), dim=-1))  # the normalised inputs
+    assert torch.equal(out.entropy_loss, 0.5 * seen["gap"][1]) and out.entropy_loss < 0
+    out.entropy_loss.backward()
+    assert z.grad is not None and z.grad.abs().sum() > 0
+    assert torch.equal(vq.eval()(z).entropy_loss, torch.zeros(()))
+    with pytest.raises(ValueError, match="entropy_temperature"):
+        VectorQuantizer(entropy_temperature=0.0)
+
+
+def _entropy_rank(rank: int, world: int, store: str, x: torch.Tensor, codebook: torch.Tensor, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    vq = VectorQuantizer(codebook_size=codebook.shape[0], dim=codebook.shape[1], entropy_temperature=0.1)
+    vq.codebook.copy_(codebook)
+    part = x.chunk(world)[rank].clone().requires_grad_()
+    gap = vq.code_entropy_gap(part)
+    gap.backward()
+    torch.save({"gap": gap.detach(), "grad": part.grad}, f"{out}{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_code_entropy_gap_uses_the_global_batch_across_ranks(tmp_path) -> None:
+    # Two gloo ranks, each with half the batch: the mean of their gaps is the one-process gap of the whole batch,
+    # and each rank's gradient is world x the one-process gradient (DDP's gradient averaging divides it back).
+    torch.manual_seed(0)
+    x, codebook = F.normalize(torch.randn(64, 4), dim=-1), F.normalize(torch.randn(16, 4), dim=-1)
+    torch.multiprocessing.spawn(
+        _entropy_rank, args=(2, str(tmp_path / "store"), x, codebook, str(tmp_path / "rank")), nprocs=2
+    )
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    vq = VectorQuantizer(codebook_size=16, dim=4, entropy_temperature=0.1)
+    vq.codebook.copy_(codebook)
+    whole = x.clone().requires_grad_()
+    gap = vq.code_entropy_gap(whole)
+    gap.backward()
+    torch.testing.assert_close((ranks[0]["gap"] + ranks[1]["gap"]) / 2, gap.detach())
+    torch.testing.assert_close(torch.cat([r["grad"] for r in ranks]), 2 * whole.grad)

@@ -144,6 +144,16 @@ def test_the_edge_term_is_the_x0_errors_spatial_differences(prediction):
         TokenizerConfig(edge_weight=-1.0)
 
 
+def test_the_code_entropy_term_enters_the_loss():
+    torch.manual_seed(0)
+    tok = DDTTokenizer(dataclasses.replace(MICRO, entropy_weight=0.1)).train()
+    out = tok(images(4), generator=torch.Generator().manual_seed(0))
+    assert out.entropy < 0 and torch.equal(out.loss, out.diffusion + out.commitment + out.entropy)
+    assert tok.quantizer.entropy_weight == 0.1
+    out.loss.backward()  # the EMA step after the term's forward must not break its backward
+    assert tok.encoder.out.weight.grad.abs().sum() > 0
+
+
 @pytest.mark.parametrize("gate_init", [0.0, 1.0])
 def test_the_encoder_sees_the_image_at_initialisation_only_with_open_gates(gate_init):
     # AdaLN-Zero gates in the encoder make its output the same for every image at step 0 (the queries pass each

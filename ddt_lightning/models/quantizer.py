@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ddt_lightning.distributed import all_reduce_sum, broadcast, rank
+from ddt_lightning.distributed import all_reduce_mean_differentiable, all_reduce_sum, broadcast, rank
 
 _RESCORE_ROWS = 128  # rows re-scored at once against their winning tile (128 x 17 x 256 floats: 2.2 MiB)
 
@@ -40,6 +40,7 @@ class QuantizerOutput(NamedTuple):
     quantized: Tensor  # (B, T, m), straight-through: forward value = codes, gradient = identity to the input
     indices: Tensor  # (B, T) long
     commit_loss: Tensor  # () commitment_weight * mse(z, sg(q))
+    entropy_loss: Tensor  # () entropy_weight * (mean per-vector entropy - entropy of the batch's mean assignment)
 
 
 def code_perplexity(counts: Tensor) -> Tensor:
@@ -179,6 +180,12 @@ class VectorQuantizer(nn.Module):
         search_tile: codes scored at once in `nearest`; with `search_chunk` sets the working set of the search.
         track_position_usage: keep per-position code counts (num_positions, K) for usage and perplexity per position.
         restart_buffer_size: size of the ring buffer of recent encoder outputs (restart candidates, local per rank).
+        entropy_weight: weight of the code-entropy term (MAGVIT-v2's, Yu et al. 2024, on this codebook): with soft
+            assignments p(code | z) = softmax(-||z - code||^2 / entropy_temperature), the mean entropy of each
+            vector's assignment minus the entropy of the (global) batch's mean assignment. Minimising it makes each
+            encoder output pick one code confidently and the batch spread over many: it pushes the encoder apart
+            where a run stalls with every image on a few codes. 0 (the default) skips its cost entirely.
+        entropy_temperature: temperature of those soft assignments, in squared-distance units.
     """
 
     def __init__(
@@ -196,6 +203,8 @@ class VectorQuantizer(nn.Module):
         search_tile: int = 256,
         track_position_usage: bool = True,
         restart_buffer_size: int = 4096,
+        entropy_weight: float = 0.0,
+        entropy_temperature: float = 0.01,
     ) -> None:
         super().__init__()
         for key, value in (
@@ -216,6 +225,10 @@ class VectorQuantizer(nn.Module):
             raise ValueError(f"kmeans_iters must be >= 0, got {kmeans_iters}")
         if eps <= 0:
             raise ValueError(f"eps must be > 0, got {eps}")
+        if entropy_weight < 0 or entropy_temperature <= 0:
+            raise ValueError(
+                f"entropy_weight must be >= 0 and entropy_temperature > 0, got {entropy_weight}, {entropy_temperature}"
+            )
 
         self.codebook_size = codebook_size
         self.dim = dim
@@ -230,6 +243,8 @@ class VectorQuantizer(nn.Module):
         self.search_tile = search_tile
         self.track_position_usage = track_position_usage
         self.restart_buffer_size = restart_buffer_size
+        self.entropy_weight = entropy_weight
+        self.entropy_temperature = entropy_temperature
 
         K, m = codebook_size, dim
         codebook = torch.randn(K, m)
@@ -291,10 +306,26 @@ class VectorQuantizer(nn.Module):
             indices = self.nearest(x.detach())  # (N,)
             q = self.lookup(indices)  # (N, m)
             commit_loss = self.commitment_weight * F.mse_loss(x, q)  # q carries no gradient: it is sg(q)
+            entropy_loss = x.new_zeros(())
+            if self.training and self.entropy_weight > 0:
+                entropy_loss = self.entropy_weight * self.code_entropy_gap(x)
             quantized = x + (q - x).detach()  # straight-through
             if self.training:
                 self._update(x.detach(), indices, B, T)
-        return QuantizerOutput(quantized.view(B, T, m).to(z.dtype), indices.view(B, T), commit_loss)
+        return QuantizerOutput(quantized.view(B, T, m).to(z.dtype), indices.view(B, T), commit_loss, entropy_loss)
+
+    def code_entropy_gap(self, x: Tensor) -> Tensor:
+        """Mean entropy of the soft assignments of the rows of `x` (N, m) minus the entropy of their mean, the mean
+        taken over the global batch (all ranks); differentiable in `x`, the codebook held fixed. Costs an (N, K)
+        distance matrix: meant for CPU-scale codebooks, not K = 65,536 with a large batch."""
+        codes = self.codebook.clone()  # saved for backward: the EMA step then updates the codebook in place
+        distances = x.pow(2).sum(1, keepdim=True) - 2 * x @ codes.T + codes.pow(2).sum(1)  # (N, K)
+        log_p = F.log_softmax(-distances / self.entropy_temperature, dim=-1)
+        p = log_p.exp()
+        per_vector = -(p * log_p).sum(-1).mean()
+        mean_p = all_reduce_mean_differentiable(p.mean(0))  # (K,)
+        batch = -(mean_p * mean_p.clamp_min(1e-12).log()).sum()
+        return per_vector - batch
 
     @torch.no_grad()
     def _update(self, x: Tensor, indices: Tensor, B: int, T: int) -> None:

@@ -81,6 +81,8 @@ class TokenizerModule(L.LightningModule):
         if self.tokenizer.config.edge_weight > 0:
             self.log("train/edge", out.edge, batch_size=b)
             self.log("train/edge_weight", self.edge_weight(), batch_size=b)
+        if self.tokenizer.config.entropy_weight > 0:
+            self.log("train/entropy", out.entropy, batch_size=b)
         return out.loss
 
     def edge_weight(self) -> float:
