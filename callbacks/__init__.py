@@ -3,5 +3,6 @@
 from ddt_lightning.callbacks.dead_code import DeadCodeRestart
 from ddt_lightning.callbacks.image_grids import ReconstructionGrids
 from ddt_lightning.callbacks.samples import GenerationSamples
+from ddt_lightning.callbacks.take_off import TakeOffMonitor
 
-__all__ = ["DeadCodeRestart", "GenerationSamples", "ReconstructionGrids"]
+__all__ = ["DeadCodeRestart", "GenerationSamples", "ReconstructionGrids", "TakeOffMonitor"]

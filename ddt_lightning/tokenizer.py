@@ -262,6 +262,26 @@ class DDTTokenizer(nn.Module):
             loss = loss + edge_weight * edge
         return TokenizerLosses(loss, diffusion, q.commit_loss, q.indices, edge, q.entropy_loss)
 
+    @torch.no_grad()
+    def token_gain(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """How much the decoder uses the tokens: 1 - MSE(with the first k(t) tokens) / MSE(with none), on the same
+        noisy inputs and times, x0 errors (B,) -> () scalar. About 0 while the decoder ignores the tokens (a run
+        that has not taken off), well above 0 once they carry the image. No state changes (the search alone)."""
+        cfg = self.config
+        x0 = self.to_latent(images)
+        b = x0.shape[0]
+        codes = self.quantizer.lookup(self.encode(images))  # (B, T, m)
+        t = sample_time(b, cfg.time_shift, x0.device, generator)
+        eps = torch.randn(x0.shape, device=x0.device, generator=generator, dtype=x0.dtype)
+        tb = t.to(x0.dtype)[:, None, None, None]
+        x_t = tb * eps + (1 - tb) * x0
+        visible = self.token_map(t)
+        errors = [
+            (self.predict_x0(x_t, t, codes, shown, guidance=1.0) - x0).pow(2).mean()
+            for shown in (visible, torch.zeros_like(visible))
+        ]
+        return 1 - errors[0] / errors[1].clamp_min(1e-12)
+
     # --------------------------------------------------------------------------------------------- inference
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:

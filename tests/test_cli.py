@@ -60,7 +60,8 @@ def test_fit_logs_exports_and_prints_the_held_out_figures(tmp_path, monkeypatch,
     from mlflow import MlflowClient
 
     monkeypatch.chdir(tmp_path)
-    main(["fit", "--config", MICRO, "--export_dir", "export", "--test_after_fit", "true"])
+    with pytest.warns(UserWarning, match=r"has not taken off: token gain .* < min_gain=2.0 at step 4"):
+        main(["fit", "--config", MICRO, "--export_dir", "export", "--test_after_fit", "true"])
     lines = capsys.readouterr().out.strip().splitlines()
     figures = json.loads(lines[-1])
     assert set(figures) >= {"psnr_onestep", "psnr_sampler", "sampler_steps", "usage", "prefix_psnr", "export"}
@@ -86,6 +87,9 @@ def test_fit_logs_exports_and_prints_the_held_out_figures(tmp_path, monkeypatch,
     assert ramp and all(value == pytest.approx(0.5 * min(max(step - 2, 0) / 4, 1.0)) for step, value in ramp), ramp
     assert ramp[0][1] == 0 and 0 < ramp[2][1] < 0.5 and ramp[-1][1] == pytest.approx(0.5)
     assert run.data.metrics["train/entropy"] < 0  # the code-entropy term is on (entropy_weight: 0.01)
+    gains = [m.step for m in client.get_metric_history(run.info.run_id, "train/token_gain")]
+    # TakeOffMonitor(every=2) measures after optimizer steps 2, 4, 6, 8: the logger files them under batches 1-7.
+    assert gains == [1, 3, 5, 7], gains
     config_text = Path(client.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path))).read_text()
     assert "codebook_size: 64" in config_text
 
