@@ -61,8 +61,8 @@ class TakeOffMonitor(L.Callback):
         if step % self.every or "image" not in batch or batch["image"].shape[0] == 0:
             return
         generator = torch.Generator(pl_module.device).manual_seed(self.seed * 1_000_003 + step)
-        gain = pl_module.tokenizer.token_gain(batch["image"][: self.num_images], generator).detach().reshape(1)
-        gain = all_reduce_sum(gain.clone()) / world_size()
+        gain = pl_module.tokenizer.token_gain(batch["image"][: self.num_images], generator).reshape(1)
+        gain = all_reduce_sum(gain) / world_size()  # the mean over ranks: every rank decides alike
         self.last_gain = float(gain)
         pl_module.log("train/token_gain", self.last_gain, on_step=True, on_epoch=False, batch_size=1)
         if step >= self.patience and self.last_gain < self.min_gain and self.stalled_at is None:

@@ -12,7 +12,7 @@ Two measurements, each a command that prints one JSON object on its last line:
   changes colour, against the mean quantisation error; and the checker's reading of its reconstructions.
 
 Written here because no kept library trains a probe decoder on scene attributes; the parts are the project's own
-(`DDTDecoder`, `sample_time`, `edge_loss`, the checker) and diffusers' flow-matching Euler scheduler.
+(`DDTDecoder`, `sample_time`, `euler_sample`, `edge_loss`, the checker).
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from tqdm.auto import tqdm
 
 from ddt_lightning.data.world import COLOURS, SHAPES, SIZES, Scene, World, WorldObject, render
 from ddt_lightning.geneval import attribute_agreement, detect_objects, geneval_suite
-from ddt_lightning.models.decoder import DDTDecoder
-from ddt_lightning.models.schedule import sample_time
+from ddt_lightning.models.decoder import DDTDecoder, guided
+from ddt_lightning.models.schedule import euler_sample, sample_time
 from ddt_lightning.modules.optim import warmup_cosine
 from ddt_lightning.tokenizer import DDTTokenizer, edge_loss
 
@@ -122,25 +122,12 @@ def sample_oracle(
     seed: int = 0,
 ) -> torch.Tensor:
     """Images (B, 3, H, W) in [-1, 1] of `scenes` from the oracle decoder, sampled as `DDTTokenizer.decode` does
-    (Euler flow matching from noise, classifier-free guidance against the all-dropped model)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
+    (`euler_sample`, classifier-free guidance against the all-dropped model)."""
     codes = torch.stack([oracle_tokens(s, decoder.num_tokens) for s in scenes])
     b, size = codes.shape[0], decoder.patch.grid * decoder.patch_size
     x = torch.randn(b, decoder.in_channels, size, size, generator=torch.Generator().manual_seed(seed))
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
-    scheduler.set_timesteps(steps)
     full = torch.full((b,), decoder.num_tokens, dtype=torch.long)
-    for timestep, sigma in zip(scheduler.timesteps, scheduler.sigmas[:-1]):
-        t = sigma.expand(b).float()
-        if guidance != 1.0:
-            cond, uncond = decoder(
-                torch.cat([x, x]), torch.cat([t, t]), torch.cat([codes, codes]), torch.cat([full, 0 * full])
-            ).chunk(2)
-            x0 = uncond + guidance * (cond - uncond)
-        else:
-            x0 = decoder(x, t, codes, full)
-        x = scheduler.step((x - x0) / sigma, timestep, x).prev_sample
+    x = euler_sample(x, steps, shift, lambda x_t, t: guided(decoder, x_t, t, codes, full, guidance))
     return x.clamp(-1, 1)
 
 
@@ -185,9 +172,7 @@ def token_sensitivity(tokenizer: DDTTokenizer, num_pairs: int = 100, seed: int =
     names = list(pairs[0][1])
     scenes = [base for base, _ in pairs] + [variants[n] for n in names for _, variants in pairs]
     x = torch.from_numpy(np.stack([render(s, cfg.image_size) for s in scenes])).permute(0, 3, 1, 2) / 127.5 - 1
-    z = tokenizer.encoder(tokenizer.to_latent(x.float()))  # (B, T, m)
-    z = F.normalize(z, dim=-1) if cfg.cosine_codes else z
-    ids = tokenizer.quantizer.nearest(z.flatten(0, 1)).view(z.shape[:2])
+    z, ids = tokenizer.search_latent(tokenizer.to_latent(x.float()))  # (B, T, m), (B, T)
     codes = tokenizer.quantizer.lookup(ids)
     if cfg.cosine_codes:
         codes = F.normalize(codes, dim=-1)

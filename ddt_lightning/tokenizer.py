@@ -25,10 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ddt_lightning.models.decoder import DDTDecoder
+from ddt_lightning.models.decoder import DDTDecoder, guided
 from ddt_lightning.models.encoder import DDTEncoder
 from ddt_lightning.models.quantizer import VectorQuantizer
-from ddt_lightning.models.schedule import TokenMap, sample_time
+from ddt_lightning.models.schedule import TokenMap, euler_sample, sample_time
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -270,7 +270,7 @@ class DDTTokenizer(nn.Module):
         cfg = self.config
         x0 = self.to_latent(images)
         b = x0.shape[0]
-        codes = self.quantizer.lookup(self.encode(images))  # (B, T, m)
+        codes = self.quantizer.lookup(self.search_latent(x0)[1])  # (B, T, m)
         t = sample_time(b, cfg.time_shift, x0.device, generator)
         eps = torch.randn(x0.shape, device=x0.device, generator=generator, dtype=x0.dtype)
         tb = t.to(x0.dtype)[:, None, None, None]
@@ -286,25 +286,24 @@ class DDTTokenizer(nn.Module):
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """images: (B, C, H, W) in [-1, 1] -> LongTensor (B, T) code ids (training state untouched)."""
-        z = self.encoder(self.to_latent(images))  # (B, T, m)
-        x = z.flatten(0, 1)  # (B T, m); the search alone, so no EMA or usage statistics change
+        return self.search_latent(self.to_latent(images))[1]
+
+    @torch.no_grad()
+    def search_latent(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Model-space images (B, C, H, W) -> the encoder's outputs as the code search sees them (B, T, m),
+        l2-normalised for cosine codes, and their nearest code ids (B, T). The search alone: no EMA or usage
+        statistics change."""
+        z = self.encoder(x0)  # (B, T, m)
         if self.config.cosine_codes:
-            x = F.normalize(x, dim=-1)
-        return self.quantizer.nearest(x).view(z.shape[:2])
+            z = F.normalize(z, dim=-1)
+        return z, self.quantizer.nearest(z.flatten(0, 1)).view(z.shape[:2])
 
     def predict_x0(
         self, x_t: torch.Tensor, t: torch.Tensor, codes: torch.Tensor, visible: torch.Tensor, guidance: float
     ) -> torch.Tensor:
         """The decoder's x0 estimate, with classifier-free guidance against the all-dropped model when
         guidance != 1 (conditional and unconditional run as one batch)."""
-        if guidance != 1.0:
-            both = self.decoder(
-                torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([codes, codes]), torch.cat([visible, 0 * visible])
-            )
-            cond, uncond = both.chunk(2)
-            out = uncond + guidance * (cond - uncond)
-        else:
-            out = self.decoder(x_t, t, codes, visible)
+        out = guided(self.decoder, x_t, t, codes, visible, guidance)
         if self.config.prediction == "velocity":
             out = x_t - t.to(out.dtype)[:, None, None, None] * out  # x0 = x_t - t v
         return out
@@ -321,24 +320,20 @@ class DDTTokenizer(nn.Module):
         """tokens: (B, T) code ids -> images (B, C, H, W) in [-1, 1], sampled from noise in `steps` Euler steps
         (diffusers' FlowMatchEulerDiscreteScheduler). k(t) is recomputed at every step; with `prefix=j` only
         the first j tokens are visible at any step (the paper's progressive decoding)."""
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
         cfg = self.config
         if prefix is not None and not 0 <= prefix <= cfg.num_tokens:
             raise ValueError(f"prefix={prefix} must be in [0, {cfg.num_tokens}]")
         codes = self.quantizer.lookup(tokens)  # (B, T, m)
         b, size = tokens.shape[0], cfg.latent_size
         x = torch.randn(b, cfg.in_channels, size, size, generator=generator, device=tokens.device)
-        scheduler = FlowMatchEulerDiscreteScheduler(shift=cfg.sampler_shift)
-        scheduler.set_timesteps(steps, device=tokens.device)
-        for timestep, sigma in zip(scheduler.timesteps, scheduler.sigmas[:-1]):
-            t = sigma.expand(b).float()  # (B,)
-            visible = self.token_map(t)
+
+        def predict(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            visible = self.token_map(t)  # k(t), recomputed at every step
             if prefix is not None:
                 visible = visible.clamp(max=prefix)
-            x0 = self.predict_x0(x, t, codes, visible, guidance)
-            velocity = (x - x0) / sigma  # the scheduler integrates dx/dt = eps - x0
-            x = scheduler.step(velocity, timestep, x).prev_sample
+            return self.predict_x0(x_t, t, codes, visible, guidance)
+
+        x = euler_sample(x, steps, cfg.sampler_shift, predict)
         return self.from_latent(x).clamp(-1, 1)
 
     # ------------------------------------------------------------------------------------------ persistence

@@ -53,3 +53,22 @@ class DDTDecoder(nn.Module):
         for block in self.blocks:
             x, c = block(x, c, cond, cond, attn_mask)
         return unpatchify(self.final(x, cond), self.patch_size, self.in_channels)
+
+
+def guided(
+    decoder: nn.Module,
+    x_t: torch.Tensor,
+    t: torch.Tensor,
+    codes: torch.Tensor,
+    visible: torch.Tensor,
+    guidance: float,
+) -> torch.Tensor:
+    """`decoder(x_t, t, codes, visible)` with classifier-free guidance against the all-dropped model (`visible = 0`)
+    when guidance != 1; conditional and unconditional run as one batch. Any module with the decoder's call works."""
+    if guidance == 1.0:
+        return decoder(x_t, t, codes, visible)
+    both = decoder(
+        torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([codes, codes]), torch.cat([visible, 0 * visible])
+    )
+    cond, uncond = both.chunk(2)
+    return uncond + guidance * (cond - uncond)

@@ -15,6 +15,7 @@ noise (design.md section 6: shift 3 beat uniform t by 3 dB in a CPU prototype).
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 
 import torch
 
@@ -55,3 +56,19 @@ def sample_time(batch: int, shift: float, device: torch.device, generator: torch
     """Training times (B,): u ~ U(0, 1) shifted, kept strictly inside (0, 1]."""
     u = torch.rand(batch, device=device, generator=generator)
     return shift_time(u, shift).clamp(1e-4, 1.0)
+
+
+def euler_sample(
+    x: torch.Tensor, steps: int, shift: float, predict_x0: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
+    """Integrate the rectified flow from noise `x` (t = 1) to t = 0 in `steps` Euler steps on diffusers'
+    FlowMatchEulerDiscreteScheduler grid (SD3 `shift`); `predict_x0(x_t, t)` with t (B,) gives the x0 estimate,
+    from which the velocity eps - x0 = (x_t - x0) / t follows."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
+    scheduler.set_timesteps(steps, device=x.device)
+    for timestep, sigma in zip(scheduler.timesteps, scheduler.sigmas[:-1]):
+        x0 = predict_x0(x, sigma.expand(x.shape[0]).float())
+        x = scheduler.step((x - x0) / sigma, timestep, x).prev_sample
+    return x

@@ -74,13 +74,14 @@ class TokenizerModule(L.LightningModule):
             self.log("data/skipped", batch["num_skipped"].float(), reduce_fx="sum", batch_size=max(b, 1))
         if b == 0:  # every file of the batch was unreadable (counted above): nothing to learn from
             return None
-        out = self.tokenizer(images, generator=self._step_generator(), edge_weight=self.edge_weight())
+        edge_weight = self.edge_weight()
+        out = self.tokenizer(images, generator=self._step_generator(), edge_weight=edge_weight)
         self.log("train/loss", out.loss, prog_bar=True, batch_size=b)
         self.log("train/diffusion", out.diffusion, batch_size=b)
         self.log("train/commitment", out.commitment, batch_size=b)
         if self.tokenizer.config.edge_weight > 0:
             self.log("train/edge", out.edge, batch_size=b)
-            self.log("train/edge_weight", self.edge_weight(), batch_size=b)
+            self.log("train/edge_weight", edge_weight, batch_size=b)
         if self.tokenizer.config.entropy_weight > 0:
             self.log("train/entropy", out.entropy, batch_size=b)
         return out.loss
