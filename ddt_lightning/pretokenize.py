@@ -165,9 +165,15 @@ def pretokenize(
     if manifest is not None and manifest.get("key") != key:
         print(f"pretokenize: {out} holds tokens of another tokenizer or data config: replacing them", file=sys.stderr)
         shutil.rmtree(out)
+    ddt = DDTTokenizer.from_pretrained(tokenizer).eval()
+    resolution = getattr(data, "resolution", None)
+    if resolution is not None and resolution != ddt.config.image_size:
+        raise ValueError(
+            f"data resolution {resolution} does not fit the DDT tokenizer at {tokenizer} (image_size "
+            f"{ddt.config.image_size}): set data.init_args.resolution"
+        )
     out.mkdir(parents=True, exist_ok=True)
     # Written first (incomplete): a rerun with the same key resumes the shards instead of replacing them.
-    ddt = DDTTokenizer.from_pretrained(tokenizer).eval()
     manifest = {"key": key, "complete": False, "num_codes": ddt.config.codebook_size}
     manifest |= {"num_tokens": ddt.config.num_tokens, "image_size": ddt.config.image_size, "splits": {}}
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2))

@@ -70,6 +70,8 @@ class TokenizerConfig:
     p_uncond: float = 0.1
     p_prefix: float = 0.1
     edge_weight: float = 0.0  # weight of the x0 error's spatial differences in the loss (0: plain MSE; see forward)
+    p_pure_noise: float = 0.0  # fraction of training samples at t = 1 (pure noise, all tokens): a take-off aid
+    token_adaln: bool = False  # the visible tokens also modulate the decoder's AdaLN (DDTDecoder): a take-off aid
     vae_path: str | None = None  # a local diffusers AutoencoderKL folder: work in its latent space
     vae_downsample: int = 8
 
@@ -82,6 +84,7 @@ class TokenizerConfig:
             "p_uncond": 0 <= self.p_uncond < 1,
             "p_prefix": 0 <= self.p_prefix < 1,
             "edge_weight": self.edge_weight >= 0,
+            "p_pure_noise": 0 <= self.p_pure_noise < 1,
             "time_shift": self.time_shift > 0,
             "sampler_shift": self.sampler_shift > 0,
             "prediction": self.prediction in ("x0", "velocity"),
@@ -188,7 +191,9 @@ class DDTTokenizer(nn.Module):
             entropy_weight=cfg.entropy_weight,
             entropy_temperature=cfg.entropy_temperature,
         )
-        self.decoder = DDTDecoder(dim=cfg.decoder_dim, depth=cfg.decoder_depth, heads=cfg.decoder_heads, **common)
+        self.decoder = DDTDecoder(
+            dim=cfg.decoder_dim, depth=cfg.decoder_depth, heads=cfg.decoder_heads, token_adaln=cfg.token_adaln, **common
+        )
         self.token_map = TokenMap(cfg.num_tokens, cfg.stage_tokens)
         self.vae = None  # frozen, loaded by `load_vae`; never part of the trained state
 
@@ -238,6 +243,11 @@ class DDTTokenizer(nn.Module):
         q = self.quantizer(self.encoder(x0))  # quantized (B, T, m), indices (B, T)
 
         t = sample_time(b, cfg.time_shift, device, generator)  # (B,)
+        if cfg.p_pure_noise > 0:  # drawn only when on: runs without it keep their random streams
+            # At t = 1 the decoder sees pure noise and all T tokens, so it can only reconstruct from the tokens
+            # (a one-step autoencoder); elsewhere the noisy image lets it learn to do without them first.
+            pure = torch.rand(b, device=device, generator=generator) < cfg.p_pure_noise
+            t = torch.where(pure, torch.ones_like(t), t)
         visible = self.token_map(t)  # (B,) k(t)
         u = torch.rand(3, b, device=device, generator=generator)  # (3, B): uncond, prefix, prefix length
         prefix = (u[2] * visible).long()  # a random j < k(t)

@@ -142,5 +142,10 @@ def test_bad_arguments_fail_clearly(ddt_dir, tmp_path):
         pt.pretokenize(object(), str(ddt_dir), str(tmp_path / "out"), progress=False)
     with pytest.raises(ValueError, match="batches_per_shard"):
         pt.pretokenize(world(), str(ddt_dir), str(tmp_path / "out"), batches_per_shard=0)
+    wrong = world()
+    wrong.resolution = 32  # the tokenizer is 16 px: named before anything is written
+    with pytest.raises(ValueError, match=r"data resolution 32 .*image_size 16"):
+        pt.pretokenize(wrong, str(ddt_dir), str(tmp_path / "wrong"), progress=False)
+    assert not (tmp_path / "wrong").exists()
     with pytest.raises(FileNotFoundError, match="ddt pretokenize"):
         _ = TokenShardsDataModule(str(tmp_path / "none")).manifest

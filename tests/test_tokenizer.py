@@ -30,9 +30,20 @@ def images(n=4, seed=0):
     return torch.rand(n, 3, 16, 16, generator=torch.Generator().manual_seed(seed)) * 2 - 1
 
 
-def test_masked_tokens_cannot_influence_the_decoder():
+@pytest.mark.parametrize("token_adaln", [False, True])
+def test_masked_tokens_cannot_influence_the_decoder(token_adaln):
     torch.manual_seed(0)
-    dec = DDTDecoder(image_size=16, in_channels=3, patch_size=4, dim=32, depth=2, heads=2, num_tokens=8, token_dim=8)
+    dec = DDTDecoder(
+        image_size=16,
+        in_channels=3,
+        patch_size=4,
+        dim=32,
+        depth=2,
+        heads=2,
+        num_tokens=8,
+        token_dim=8,
+        token_adaln=token_adaln,
+    )
     for p in dec.parameters():
         p.data.normal_(0, 0.1)  # biases included: zeroing alone would leak through them
     x, t = torch.randn(3, 3, 16, 16), torch.rand(3)
@@ -46,6 +57,12 @@ def test_masked_tokens_cannot_influence_the_decoder():
     # ... while a visible token does change it (the test above could not pass vacuously).
     changed[2, 7] += 1.0
     assert not torch.allclose(dec(x, t, changed, visible)[2], out[2])
+    # With the token embedding zeroed, attention sees the same token stream for any codes: then only the AdaLN
+    # path (token_adaln) can carry a visible token to the output.
+    with torch.no_grad():
+        dec.token_embed.weight.zero_()
+        dec.token_embed.bias.zero_()
+    assert torch.equal(dec(x, t, changed, visible)[2], dec(x, t, codes, visible)[2]) is not token_adaln
 
 
 def test_encode_gives_code_ids_and_leaves_training_state_alone(tokenizer):
@@ -142,6 +159,39 @@ def test_the_edge_term_is_the_x0_errors_spatial_differences(prediction):
     torch.testing.assert_close(doubled.loss, doubled.diffusion + doubled.commitment + 2.0 * doubled.edge)
     with pytest.raises(ValueError, match="edge_weight"):
         TokenizerConfig(edge_weight=-1.0)
+
+
+def test_pure_noise_samples_are_at_t_1_with_every_token_and_off_changes_nothing():
+    # p_pure_noise = 0 (the default) keeps the random draws of a config without the option: same loss, bit for
+    # bit. At 0.5 about half the batch trains at t = 1 exactly: pure noise (the decoder's input is the same for
+    # any image) with all T tokens visible.
+    base = dataclasses.replace(MICRO, p_uncond=0.0, p_prefix=0.0)
+    seen = {}
+
+    def run(p, x):
+        torch.manual_seed(0)
+        tok = DDTTokenizer(dataclasses.replace(base, p_pure_noise=p))
+        hook = tok.decoder.register_forward_hook(lambda m, args, out: seen.update({(p, id(x)): args}))
+        out = tok(x, generator=torch.Generator().manual_seed(1))
+        hook.remove()
+        return out, seen[(p, id(x))]
+
+    x, other = images(64, seed=0), images(64, seed=1)
+    torch.manual_seed(0)
+    default = DDTTokenizer(base)(x, generator=torch.Generator().manual_seed(1))
+    off, (_, t_off, _, _) = run(0.0, x)
+    assert torch.equal(default.loss, off.loss)
+    assert int((t_off == 1).sum()) < 5  # without the option t = 1 needs u within 1e-4 of 1
+    _, (x_t, t, _, visible) = run(0.5, x)
+    _, (x_t_other, t_other, _, _) = run(0.5, other)
+    pure = t == 1
+    assert torch.equal(t, t_other)  # the draws do not depend on the images
+    assert 20 <= int(pure.sum()) <= 44  # Binomial(64, 0.5): outside with probability < 1e-3
+    assert torch.all(visible[pure] == base.num_tokens)
+    assert torch.equal(x_t[pure], x_t_other[pure])  # nothing of the image is left at t = 1
+    assert not torch.allclose(x_t[~pure], x_t_other[~pure])
+    with pytest.raises(ValueError, match="p_pure_noise"):
+        TokenizerConfig(p_pure_noise=1.0)
 
 
 def test_the_code_entropy_term_enters_the_loss():

@@ -4,6 +4,12 @@
 (0-based) are zeroed *and* removed from attention with a key mask: zeroing alone would still leak through the
 token embedding's bias and position embedding (a test checks that masked tokens cannot change the output).
 `k = 0` is the unconditional model used by classifier-free guidance.
+
+With `token_adaln` the visible tokens also enter every block's AdaLN modulation, as SD3's MMDiT adds its pooled
+text embedding to the timestep embedding: an MLP of the T zeroed-and-flattened codes (each position has its own
+weights, a masked token contributes exactly nothing) is added to the time embedding. A global path that a decoder
+learns to use within a few steps, unlike joint attention, which a decoder that denoises well enough from `x_t`
+alone can leave unused (design.md section 6: the take-off).
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ class DDTDecoder(nn.Module):
         token_dim: int,
         mlp_ratio: float = 4.0,
         qk_norm: bool = True,
+        token_adaln: bool = False,
     ) -> None:
         super().__init__()
         self.in_channels, self.patch_size, self.num_tokens = in_channels, patch_size, num_tokens
@@ -36,6 +43,9 @@ class DDTDecoder(nn.Module):
         self.time_embed = TimestepEmbedding(256, dim)
         self.token_embed = nn.Linear(token_dim, dim)
         self.token_pos = nn.Parameter(torch.randn(1, num_tokens, dim) * 0.02)
+        self.token_cond = None
+        if token_adaln:
+            self.token_cond = nn.Sequential(nn.Linear(num_tokens * token_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
         # The last block only updates the image stream: the context's output is never read.
         self.blocks = nn.ModuleList(
             JointBlock(dim, heads, mlp_ratio, qk_norm, update_c=i < depth - 1) for i in range(depth)
@@ -48,6 +58,8 @@ class DDTDecoder(nn.Module):
         x = self.patch(x_t)  # (B, N, D)
         c = self.token_embed(codes * keep[..., None]) + self.token_pos  # (B, T, D)
         cond = self.time_embed(self.time_proj(t * 1000).to(x.dtype))[:, None]  # (B, 1, D)
+        if self.token_cond is not None:
+            cond = cond + self.token_cond((codes * keep[..., None]).flatten(1))[:, None]
         image_keys = keep.new_ones(keep.shape[0], x.shape[1])
         attn_mask = torch.cat([image_keys, keep], dim=1)[:, None, None, :]  # (B, 1, 1, N + T)
         for block in self.blocks:
