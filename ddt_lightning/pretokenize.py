@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ddt_lightning.tokenizer import CONFIG_NAME, WEIGHTS_NAME, DDTTokenizer
+from ddt_lightning.tokenizer import CONFIG_NAME, WEIGHTS_NAME, DDTTokenizer, check_data_resolution
 
 MANIFEST = "manifest.json"
 FORMAT = "ddt-tokens/1"
@@ -162,16 +162,14 @@ def pretokenize(
     if manifest is not None and manifest.get("key") == key and manifest.get("complete"):
         print(f"pretokenize: reusing {out} (same tokenizer and data; {_summary(manifest)})", file=sys.stderr)
         return manifest
+    ddt = DDTTokenizer.from_pretrained(tokenizer).eval()
+    # Before anything on disk changes: a wrong resolution must not cost the shards already there.
+    check_data_resolution(
+        data, ddt.config.image_size, f"the DDT tokenizer at {tokenizer}", "set data.init_args.resolution"
+    )
     if manifest is not None and manifest.get("key") != key:
         print(f"pretokenize: {out} holds tokens of another tokenizer or data config: replacing them", file=sys.stderr)
         shutil.rmtree(out)
-    ddt = DDTTokenizer.from_pretrained(tokenizer).eval()
-    resolution = getattr(data, "resolution", None)
-    if resolution is not None and resolution != ddt.config.image_size:
-        raise ValueError(
-            f"data resolution {resolution} does not fit the DDT tokenizer at {tokenizer} (image_size "
-            f"{ddt.config.image_size}): set data.init_args.resolution"
-        )
     out.mkdir(parents=True, exist_ok=True)
     # Written first (incomplete): a rerun with the same key resumes the shards instead of replacing them.
     manifest = {"key": key, "complete": False, "num_codes": ddt.config.codebook_size}

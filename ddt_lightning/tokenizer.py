@@ -165,6 +165,14 @@ class TokenizerLosses(NamedTuple):
     entropy: torch.Tensor  # the quantizer's weighted code-entropy term (0 when entropy_weight = 0)
 
 
+def check_data_resolution(data: object, image_size: int, where: str, fix: str) -> None:
+    """Fail, naming both sizes, when a DataModule's `resolution` (if it has one) is not the DDT tokenizer's
+    `image_size` - before any training or writing. `where` names the tokenizer, `fix` says what to set."""
+    resolution = getattr(data, "resolution", None)
+    if resolution is not None and resolution != image_size:
+        raise ValueError(f"data resolution {resolution} does not fit {where}: its image_size is {image_size} ({fix})")
+
+
 class DDTTokenizer(nn.Module):
     def __init__(self, config: TokenizerConfig | None = None) -> None:
         super().__init__()

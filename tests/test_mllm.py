@@ -286,6 +286,22 @@ def test_length_groups_give_the_loss_and_gradients_of_one_padded_pass(ddt_dir, c
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
 
 
+def test_on_the_fly_tokens_refuse_data_of_another_resolution(ddt_dir):
+    # The DDT tokenizer is 16 px: a 32-px DataModule fails at setup, naming both sizes and the folder; with
+    # pre-tokenized shards the data's resolution is not the LM's business.
+    from types import SimpleNamespace
+
+    module = MLLMModule(lm=MICRO_LM, tokenizer_path=str(ddt_dir), text_tokenizer_cache=None)
+    module._trainer = SimpleNamespace(datamodule=SimpleNamespace(resolution=32))
+    with pytest.raises(
+        ValueError, match=rf"data resolution 32 does not fit the DDT tokenizer at {ddt_dir}: its image_size is 16"
+    ):
+        module.setup("fit")
+    module._trainer = SimpleNamespace(datamodule=SimpleNamespace(resolution=16))
+    with pytest.raises(ValueError, match="no captions"):  # past the resolution check, to the next requirement
+        module.setup("fit")
+
+
 def test_module_builds_once_trains_checkpoints_and_exports(ddt_dir, captions, tmp_path):
     module = make_module(ddt_dir, captions, tasks={"t2i": 2, "i2t": 1, "edit": 1}, lr=3e-3)
     lm = module.lm

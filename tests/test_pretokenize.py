@@ -144,8 +144,15 @@ def test_bad_arguments_fail_clearly(ddt_dir, tmp_path):
         pt.pretokenize(world(), str(ddt_dir), str(tmp_path / "out"), batches_per_shard=0)
     wrong = world()
     wrong.resolution = 32  # the tokenizer is 16 px: named before anything is written
-    with pytest.raises(ValueError, match=r"data resolution 32 .*image_size 16"):
+    with pytest.raises(ValueError, match=r"data resolution 32 .*image_size is 16"):
         pt.pretokenize(wrong, str(ddt_dir), str(tmp_path / "wrong"), progress=False)
     assert not (tmp_path / "wrong").exists()
+    # ... and before tokens of another config in the output folder are replaced: they survive the error.
+    older = tmp_path / "older"
+    older.mkdir()
+    (older / pt.MANIFEST).write_text(json.dumps({"key": {"other": True}, "complete": True}))
+    with pytest.raises(ValueError, match=r"data resolution 32 .*image_size is 16"):
+        pt.pretokenize(wrong, str(ddt_dir), str(older), progress=False)
+    assert json.loads((older / pt.MANIFEST).read_text())["key"] == {"other": True}
     with pytest.raises(FileNotFoundError, match="ddt pretokenize"):
         _ = TokenShardsDataModule(str(tmp_path / "none")).manifest

@@ -56,10 +56,11 @@ class DDTDecoder(nn.Module):
         """x_t: (B, C, H, W); t: (B,) in [0, 1]; codes: (B, T, m); visible: (B,) long in [0, T] -> (B, C, H, W)."""
         keep = torch.arange(self.num_tokens, device=codes.device)[None] < visible[:, None]  # (B, T)
         x = self.patch(x_t)  # (B, N, D)
-        c = self.token_embed(codes * keep[..., None]) + self.token_pos  # (B, T, D)
+        kept = codes * keep[..., None]  # (B, T, m), masked tokens zeroed
+        c = self.token_embed(kept) + self.token_pos  # (B, T, D)
         cond = self.time_embed(self.time_proj(t * 1000).to(x.dtype))[:, None]  # (B, 1, D)
         if self.token_cond is not None:
-            cond = cond + self.token_cond((codes * keep[..., None]).flatten(1))[:, None]
+            cond = cond + self.token_cond(kept.flatten(1))[:, None]
         image_keys = keep.new_ones(keep.shape[0], x.shape[1])
         attn_mask = torch.cat([image_keys, keep], dim=1)[:, None, None, :]  # (B, 1, 1, N + T)
         for block in self.blocks:

@@ -57,7 +57,7 @@ from ddt_lightning.mllm.sequences import (
 )
 from ddt_lightning.mllm.vocab import VOCAB_FILE, MultimodalVocab, load_text_tokenizer, train_text_tokenizer
 from ddt_lightning.modules.optim import adamw_warmup_cosine
-from ddt_lightning.tokenizer import CONFIG_NAME, DDTTokenizer
+from ddt_lightning.tokenizer import CONFIG_NAME, DDTTokenizer, check_data_resolution
 
 # The typed config objects in `hyper_parameters` may be unpickled by `torch.load(weights_only=True)` (Lightning's
 # default for `fit(ckpt_path=...)`, and the CLI's hyperparameter read of `--ckpt_path`).
@@ -194,12 +194,9 @@ class MLLMModule(L.LightningModule):
     # ------------------------------------------------------------------------------------------------ setup
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        resolution = getattr(datamodule, "resolution", None)
-        if self.hparams.tokens == "on_the_fly" and resolution is not None and resolution != self.image_size:
-            raise ValueError(
-                f"data resolution {resolution} does not fit the DDT tokenizer at {self.hparams.tokenizer_path} "
-                f"(image_size {self.image_size}): set data.init_args.resolution"
-            )
+        if self.hparams.tokens == "on_the_fly":
+            where = f"the DDT tokenizer at {self.hparams.tokenizer_path}"
+            check_data_resolution(datamodule, self.image_size, where, "set data.init_args.resolution")
         if self.class_names is None and datamodule is not None:
             names = getattr(datamodule, "class_names", None) or getattr(datamodule, "classes", None)
             self.class_names = list(names) if names else None

@@ -15,7 +15,7 @@ from lightning.pytorch.loggers import MLFlowLogger
 
 from ddt_lightning.evaluation import TokenizerEvaluator
 from ddt_lightning.modules.optim import adamw_warmup_cosine
-from ddt_lightning.tokenizer import DDTTokenizer, TokenizerConfig
+from ddt_lightning.tokenizer import DDTTokenizer, TokenizerConfig, check_data_resolution
 
 
 class TokenizerModule(L.LightningModule):
@@ -60,12 +60,12 @@ class TokenizerModule(L.LightningModule):
     # ------------------------------------------------------------------------------------------------ setup
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        resolution = getattr(datamodule, "resolution", None)
-        if resolution is not None and resolution != self.config.image_size:
-            raise ValueError(
-                f"data resolution {resolution} does not fit the tokenizer: TokenizerConfig.image_size is "
-                f"{self.config.image_size} (set data.init_args.resolution or model.init_args.tokenizer.image_size)"
-            )
+        check_data_resolution(
+            datamodule,
+            self.config.image_size,
+            "the tokenizer (TokenizerConfig)",
+            "set data.init_args.resolution or model.init_args.tokenizer.image_size",
+        )
 
     # --------------------------------------------------------------------------------------------- training
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
