@@ -72,6 +72,10 @@ class TokenizerConfig:
     edge_weight: float = 0.0  # weight of the x0 error's spatial differences in the loss (0: plain MSE; see forward)
     p_pure_noise: float = 0.0  # fraction of training samples at t = 1 (pure noise, all tokens): a take-off aid
     token_adaln: bool = False  # the visible tokens also modulate the decoder's AdaLN (DDTDecoder): a take-off aid
+    # LPIPS-style distance of the x0 estimate to x0 through a frozen FeatureNet (models/perceptual.py), trained by
+    # `python -m ddt_lightning.perceptual train` and loaded from `perceptual_net` (a local folder); 0: off.
+    perceptual_weight: float = 0.0
+    perceptual_net: str | None = None
     vae_path: str | None = None  # a local diffusers AutoencoderKL folder: work in its latent space
     vae_downsample: int = 8
 
@@ -85,6 +89,7 @@ class TokenizerConfig:
             "p_prefix": 0 <= self.p_prefix < 1,
             "edge_weight": self.edge_weight >= 0,
             "p_pure_noise": 0 <= self.p_pure_noise < 1,
+            "perceptual_weight": self.perceptual_weight >= 0,
             "time_shift": self.time_shift > 0,
             "sampler_shift": self.sampler_shift > 0,
             "prediction": self.prediction in ("x0", "velocity"),
@@ -98,6 +103,15 @@ class TokenizerConfig:
                 else f"invalid value {getattr(self, key)!r}"
             )
             raise ValueError(f"TokenizerConfig.{key}: {detail}")
+        if self.perceptual_weight > 0 and not self.perceptual_net:
+            raise ValueError(
+                f"TokenizerConfig.perceptual_net: perceptual_weight={self.perceptual_weight} needs a feature network "
+                "folder (python -m ddt_lightning.perceptual train FOLDER)"
+            )
+        if self.perceptual_weight > 0 and self.vae_path:
+            raise ValueError(
+                "TokenizerConfig.perceptual_weight: the perceptual term works in pixel space, not with vae_path"
+            )
         TokenMap(self.num_tokens, self.stage_tokens)  # validates stage_tokens against num_tokens
 
     @property
@@ -163,6 +177,7 @@ class TokenizerLosses(NamedTuple):
     indices: torch.Tensor  # (B, T) code ids of the batch
     edge: torch.Tensor  # mean squared spatial difference of the x0 error (0 when edge_weight = 0)
     entropy: torch.Tensor  # the quantizer's weighted code-entropy term (0 when entropy_weight = 0)
+    perceptual: torch.Tensor  # mean perceptual distance of the x0 estimate to x0 (0 when perceptual_weight = 0)
 
 
 def check_data_resolution(data: object, image_size: int, where: str, fix: str) -> None:
@@ -204,6 +219,20 @@ class DDTTokenizer(nn.Module):
         )
         self.token_map = TokenMap(cfg.num_tokens, cfg.stage_tokens)
         self.vae = None  # frozen, loaded by `load_vae`; never part of the trained state
+        self.perceptual = None  # frozen PerceptualDistance, loaded by `load_perceptual`; likewise
+
+    def load_perceptual(self, path: str | Path) -> None:
+        """Load the frozen feature network of the perceptual term from a local folder (training only: exports and
+        inference never need it)."""
+        from ddt_lightning.models.perceptual import FeatureNet, PerceptualDistance
+
+        distance = PerceptualDistance(FeatureNet.from_pretrained(path))
+        if distance.net.config.in_channels != self.config.in_channels:
+            raise ValueError(
+                f"feature network at {path} takes {distance.net.config.in_channels} channels but "
+                f"TokenizerConfig.in_channels={self.config.in_channels}"
+            )
+        object.__setattr__(self, "perceptual", distance)  # not a submodule: out of state_dict and optimiser
 
     # ----------------------------------------------------------------------------------------------- latents
     def load_vae(self, path: str | Path) -> None:
@@ -278,7 +307,17 @@ class DDTTokenizer(nn.Module):
             error = pred - x0 if cfg.prediction == "x0" else tb * (target - pred)  # x0 error; v = eps - x0
             edge = edge_loss(error)
             loss = loss + edge_weight * edge
-        return TokenizerLosses(loss, diffusion, q.commit_loss, q.indices, edge, q.entropy_loss)
+        perceptual = diffusion.new_zeros(())
+        if cfg.perceptual_weight > 0:
+            # LPIPS-style term on the x0 estimate, as VQGAN-family tokenizers and epsilon-VAE's diffusion decoder
+            # train: unlike the pixel MSE it weighs a wrong shape far above a 1-pixel shift, so it asks the tokens
+            # for what the MSE leaves out. It moves the minimiser away from E[x0 | x_t, tokens] (sharper, biased).
+            if self.perceptual is None:
+                raise RuntimeError(f"perceptual_weight > 0: call load_perceptual({cfg.perceptual_net!r}) first")
+            x0_hat = pred if cfg.prediction == "x0" else x_t - tb * pred  # v = eps - x0
+            perceptual = self.perceptual.to(x0.device)(x0_hat, x0).mean()
+            loss = loss + cfg.perceptual_weight * perceptual
+        return TokenizerLosses(loss, diffusion, q.commit_loss, q.indices, edge, q.entropy_loss, perceptual)
 
     @torch.no_grad()
     def token_gain(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

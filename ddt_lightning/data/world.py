@@ -187,21 +187,36 @@ def _vertices(obj: WorldObject, scale: float) -> list[tuple[float, float]]:
     raise ValueError(f"no polygon for shape {obj.shape!r}")
 
 
+def _draw(draw: ImageDraw.ImageDraw, scene: Scene, size: int, fill: Any) -> None:
+    """Draw every object of `scene` on a `size`-pixel canvas, `fill(obj)` giving each object's fill value."""
+    for obj in scene.objects:
+        if obj.shape == "circle":
+            cx, cy, h = obj.x * size, obj.y * size, SIZES[obj.size] * size
+            draw.ellipse((cx - h, cy - h, cx + h, cy + h), fill=fill(obj))
+        else:
+            draw.polygon(_vertices(obj, size), fill=fill(obj))
+
+
 def render(scene: Scene, resolution: int, supersample: int = 4) -> np.ndarray:
     """Draw `scene` as a (resolution, resolution, 3) uint8 array (anti-aliased by area-averaging a larger canvas)."""
     size = resolution * supersample
     canvas = Image.new("RGB", (size, size), tuple(scene.background))
-    draw = ImageDraw.Draw(canvas)
-    for obj in scene.objects:
-        colour = COLOURS[obj.colour]
-        if obj.shape == "circle":
-            cx, cy, h = obj.x * size, obj.y * size, SIZES[obj.size] * size
-            draw.ellipse((cx - h, cy - h, cx + h, cy + h), fill=colour)
-        else:
-            draw.polygon(_vertices(obj, size), fill=colour)
+    _draw(ImageDraw.Draw(canvas), scene, size, lambda obj: COLOURS[obj.colour])
     if supersample > 1:
         canvas = canvas.reduce(supersample)  # box filter: each output pixel is the mean of a supersample^2 block
     return np.asarray(canvas, dtype=np.uint8)
+
+
+def render_shape_labels(scene: Scene, resolution: int, supersample: int = 4) -> np.ndarray:
+    """The shape under each pixel of `render(scene, resolution)`: a (resolution, resolution) uint8 map, 0 for the
+    background and 1 + `SHAPES.index(shape)` for an object - the label covering most of the pixel's
+    supersample^2 block (objects never overlap)."""
+    size = resolution * supersample
+    canvas = Image.new("L", (size, size), 0)
+    _draw(ImageDraw.Draw(canvas), scene, size, lambda obj: 1 + SHAPES.index(obj.shape))
+    blocks = np.asarray(canvas).reshape(resolution, supersample, resolution, supersample)
+    counts = np.stack([(blocks == label).sum(axis=(1, 3)) for label in range(1 + len(SHAPES))])  # (L, R, R)
+    return counts.argmax(0).astype(np.uint8)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,173 @@
+"""The perceptual term: world shape labels, the feature network (training, export), the LPIPS-style distance and
+its place in the tokenizer's loss."""
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from ddt_lightning import DDTTokenizer
+from ddt_lightning.data.world import BACKGROUND, COLOURS, SHAPES, Scene, World, WorldObject, render, render_shape_labels
+from ddt_lightning.models.perceptual import FeatureNet, FeatureNetConfig, PerceptualDistance
+from ddt_lightning.perceptual import main as perceptual_main
+from ddt_lightning.perceptual import train_feature_net
+from ddt_lightning.tokenizer import TokenizerConfig
+
+MICRO = TokenizerConfig.preset("micro", decoder_depth=2)
+RES = 16  # the tokenizer's micro preset
+NET_RES = 32  # the feature net's (it is fully convolutional: it takes any size)
+
+
+def to_tensor(image: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(image.copy()).permute(2, 0, 1).float() / 127.5 - 1
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A feature net trained briefly at 32 px (about 20 s), and its validation scores."""
+    return train_feature_net(
+        resolution=NET_RES, steps=250, batch_size=32, train_scenes=4096, val_scenes=256, progress=False
+    )
+
+
+def test_shape_labels_cover_the_drawn_objects_with_their_shape():
+    # Single objects: a pixel is labelled iff the object covers most of it (its colour's share of the pixel,
+    # read back from the anti-aliased rendering), with the object's shape.
+    world = World(seed=5, resolution=32)
+    for index in range(40):
+        obj = world.scene(index).objects[0]
+        labels, image = render_shape_labels(Scene([obj]), 32), render(Scene([obj]), 32).astype(float)
+        background, colour = np.array(BACKGROUND), np.array(COLOURS[obj.colour])
+        coverage = np.abs(image - background).sum(-1) / np.abs(colour - background).sum()
+        assert (labels[coverage > 0.6] == 1 + SHAPES.index(obj.shape)).all()
+        assert (labels[coverage < 0.4] == 0).all()
+    for index in range(20):  # several objects: the pixel under each centre carries that object's shape
+        scene = world.scene(index)
+        labels = render_shape_labels(scene, 32)
+        for obj in scene.objects:
+            assert labels[int(obj.y * 32), int(obj.x * 32)] == 1 + SHAPES.index(obj.shape)
+    assert render_shape_labels(Scene([]), 32).max() == 0
+
+
+def test_the_feature_net_learns_to_segment_shapes(trained):
+    _, scores = trained
+    assert scores["shape_accuracy"] > 0.6  # chance on object pixels: 0.25
+    assert scores["background_accuracy"] > 0.95
+
+
+def test_feature_net_export_round_trip_and_errors(tmp_path, trained):
+    net, _ = trained
+    folder = net.save_pretrained(tmp_path / "net", data="world", steps=250)
+    loaded = FeatureNet.from_pretrained(folder)
+    x = torch.rand(2, 3, RES, RES) * 2 - 1
+    assert torch.equal(loaded(x), net(x)) and not loaded.training
+    assert json.loads((folder / "config.json").read_text())["metadata"] == {"data": "world", "steps": 250}
+    with pytest.raises(FileNotFoundError, match=r"no feature network at .*missing"):
+        FeatureNet.from_pretrained(tmp_path / "nothing")
+    DDTTokenizer(MICRO).save_pretrained(tmp_path / "tokenizer")
+    with pytest.raises(ValueError, match="not a feature network export"):
+        FeatureNet.from_pretrained(tmp_path / "tokenizer")
+    with pytest.raises(ValueError, match="FeatureNetConfig"):
+        FeatureNetConfig(widths=())
+
+
+def test_the_distance_weighs_a_shape_change_above_a_one_pixel_move(trained):
+    # The point of the term: under pixel MSE a shape change costs about what a 1-px move does; here it must cost
+    # clearly more. One large object per scene, the same object as a square and as a triangle, and moved by 1 px.
+    distance = PerceptualDistance(trained[0])
+    rng = np.random.default_rng(0)
+    base, shape, move = [], [], []
+    for _ in range(32):
+        x, y = rng.uniform(0.3, 0.7, 2)
+        obj = WorldObject("square", "red", "large", float(x), float(y))
+        base.append(render(Scene([obj]), NET_RES))
+        shape.append(render(Scene([dataclasses.replace(obj, shape="triangle")]), NET_RES))
+        move.append(render(Scene([dataclasses.replace(obj, x=float(x) + 1 / NET_RES)]), NET_RES))
+    base, shape, move = (torch.stack([to_tensor(i) for i in group]) for group in (base, shape, move))
+    d_shape, d_move = distance(shape, base), distance(move, base)
+    mse_shape, mse_move = (shape - base).pow(2).mean(), (move - base).pow(2).mean()
+    assert torch.all(distance(base, base) == 0)
+    assert d_shape.mean() / d_move.mean() > 1.5 * mse_shape / mse_move
+
+
+def test_the_distance_is_frozen_and_differentiable_in_its_first_argument(trained):
+    distance = PerceptualDistance(trained[0]).train()
+    assert not distance.training and not distance.net.training  # train() cannot switch a frozen net to train
+    x = (torch.rand(2, 3, RES, RES) * 2 - 1).requires_grad_(True)
+    y = (torch.rand(2, 3, RES, RES) * 2 - 1).requires_grad_(True)
+    distance(x, y).sum().backward()
+    assert x.grad.abs().sum() > 0 and y.grad is None
+    assert all(p.grad is None and not p.requires_grad for p in distance.net.parameters())
+
+
+@pytest.fixture(scope="module")
+def net_folder(tmp_path_factory, trained):
+    return str(trained[0].save_pretrained(tmp_path_factory.mktemp("features") / "net"))
+
+
+@pytest.mark.parametrize("prediction", ["x0", "velocity"])
+def test_the_perceptual_term_enters_the_tokenizer_loss(net_folder, prediction):
+    # Same weights and draws with and without the term: only the total changes, by weight x perceptual, and
+    # perceptual is the distance of the decoder's x0 estimate to the image (recomputed from its inputs).
+    base = dataclasses.replace(MICRO, prediction=prediction)
+    x = torch.from_numpy(World(seed=1, resolution=RES).render_range(0, 4, progress=False)[0]).permute(0, 3, 1, 2)
+    x = x.float() / 127.5 - 1
+    seen, outs = {}, {}
+    for weight in (0.0, 0.3):
+        torch.manual_seed(0)
+        cfg = dataclasses.replace(base, perceptual_weight=weight, perceptual_net=net_folder if weight else None)
+        tok = DDTTokenizer(cfg)
+        if weight:
+            tok.load_perceptual(net_folder)
+        hook = tok.decoder.register_forward_hook(lambda m, args, out: seen.update(args=args, out=out))
+        outs[weight] = tok(x, generator=torch.Generator().manual_seed(1))
+        hook.remove()
+    plain, with_term = outs[0.0], outs[0.3]
+    assert plain.perceptual == 0 and torch.equal(plain.diffusion, with_term.diffusion)
+    x_t, t = seen["args"][:2]
+    x0_hat = seen["out"] if prediction == "x0" else x_t - t.view(-1, 1, 1, 1) * seen["out"]
+    expected = PerceptualDistance(FeatureNet.from_pretrained(net_folder))(x0_hat, x).mean()
+    torch.testing.assert_close(with_term.perceptual, expected)
+    assert with_term.perceptual > 0
+    torch.testing.assert_close(with_term.loss, plain.loss + 0.3 * with_term.perceptual)
+    with_term.loss.backward()
+    assert tok.encoder.out.weight.grad.abs().sum() > 0
+    assert "perceptual" not in " ".join(tok.state_dict())  # never exported with the tokenizer
+
+
+def test_perceptual_config_errors_name_the_key(net_folder):
+    with pytest.raises(ValueError, match="perceptual_weight"):
+        TokenizerConfig(perceptual_weight=-0.1)
+    with pytest.raises(ValueError, match=r"perceptual_net: perceptual_weight=0\.1 needs a feature network"):
+        TokenizerConfig(perceptual_weight=0.1)
+    with pytest.raises(ValueError, match="pixel space"):
+        TokenizerConfig(perceptual_weight=0.1, perceptual_net=net_folder, vae_path="vae")
+    tok = DDTTokenizer(dataclasses.replace(MICRO, perceptual_weight=0.1, perceptual_net=net_folder))
+    with pytest.raises(RuntimeError, match="load_perceptual"):
+        tok(torch.zeros(2, 3, RES, RES))
+    with pytest.raises(ValueError, match=r"takes 3 channels but TokenizerConfig\.in_channels=1"):
+        DDTTokenizer(dataclasses.replace(MICRO, in_channels=1)).load_perceptual(net_folder)
+
+
+def test_the_training_module_loads_the_net_and_logs_the_term(net_folder):
+    from ddt_lightning.modules import TokenizerModule
+
+    cfg = dataclasses.replace(MICRO, perceptual_weight=0.2, perceptual_net=net_folder)
+    module = TokenizerModule(tokenizer=cfg)
+    assert isinstance(module.tokenizer.perceptual, PerceptualDistance)
+    assert not any("perceptual" in name for name, _ in module.named_parameters())
+    missing = dataclasses.replace(cfg, perceptual_net="/nonexistent/features")
+    with pytest.raises(FileNotFoundError, match="/nonexistent/features"):
+        TokenizerModule(tokenizer=missing)
+
+
+def test_the_command_trains_saves_and_prints_json(tmp_path, capsys):
+    out = tmp_path / "features"
+    assert perceptual_main(["train", str(out), "--resolution", "16", "--steps", "5", "--train-scenes", "128"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["output"] == str(out) and 0 <= result["shape_accuracy"] <= 1
+    meta = json.loads((out / "config.json").read_text())["metadata"]
+    assert meta["steps"] == 5 and meta["shape_accuracy"] == result["shape_accuracy"]
+    assert FeatureNet.from_pretrained(out).config.num_classes == 1 + len(SHAPES)
