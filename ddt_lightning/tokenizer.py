@@ -269,12 +269,13 @@ class DDTTokenizer(nn.Module):
 
     # ---------------------------------------------------------------------------------------------- training
     def forward(
-        self, images: torch.Tensor, generator: torch.Generator | None = None, edge_weight: float | None = None
+        self, images: torch.Tensor, generator: torch.Generator | None = None, aux_scale: float = 1.0
     ) -> TokenizerLosses:
         """images: (B, C, H, W) in [-1, 1] -> losses. Noise, times and dropouts come from `generator`;
-        `edge_weight` overrides `config.edge_weight` for this step (the training module's warm-up)."""
+        `aux_scale` multiplies `config.edge_weight` and `config.perceptual_weight` for this step (the training
+        module's schedule; a term whose weight is 0 is not computed)."""
         cfg = self.config
-        edge_weight = cfg.edge_weight if edge_weight is None else edge_weight
+        edge_weight, perceptual_weight = cfg.edge_weight * aux_scale, cfg.perceptual_weight * aux_scale
         x0 = self.to_latent(images)
         b, device = x0.shape[0], x0.device
         q = self.quantizer(self.encoder(x0))  # quantized (B, T, m), indices (B, T)
@@ -308,7 +309,7 @@ class DDTTokenizer(nn.Module):
             edge = edge_loss(error)
             loss = loss + edge_weight * edge
         perceptual = diffusion.new_zeros(())
-        if cfg.perceptual_weight > 0:
+        if perceptual_weight > 0:
             # LPIPS-style term on the x0 estimate, as VQGAN-family tokenizers and epsilon-VAE's diffusion decoder
             # train: unlike the pixel MSE it weighs a wrong shape far above a 1-pixel shift, so it asks the tokens
             # for what the MSE leaves out. It moves the minimiser away from E[x0 | x_t, tokens] (sharper, biased).
@@ -316,7 +317,7 @@ class DDTTokenizer(nn.Module):
                 raise RuntimeError(f"perceptual_weight > 0: call load_perceptual({cfg.perceptual_net!r}) first")
             x0_hat = pred if cfg.prediction == "x0" else x_t - tb * pred  # v = eps - x0
             perceptual = self.perceptual.to(x0.device)(x0_hat, x0).mean()
-            loss = loss + cfg.perceptual_weight * perceptual
+            loss = loss + perceptual_weight * perceptual
         return TokenizerLosses(loss, diffusion, q.commit_loss, q.indices, edge, q.entropy_loss, perceptual)
 
     @torch.no_grad()

@@ -81,11 +81,11 @@ def test_fit_logs_exports_and_prints_the_held_out_figures(tmp_path, monkeypatch,
     assert "config.yaml" in artifacts and "tokenizer/model.safetensors" in artifacts
     assert any(a.startswith("images/val") for a in artifacts) and any(a.startswith("images/test") for a in artifacts)
     assert any(a.startswith("metrics/test_per_position") for a in artifacts)
-    # The edge term's weight is 0 until edge_start_step = 2, then ramps to edge_weight = 0.5 over
-    # edge_warmup_steps = 4 and stays there.
-    ramp = [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "train/edge_weight")]
-    assert ramp and all(value == pytest.approx(0.5 * min(max(step - 2, 0) / 4, 1.0)) for step, value in ramp), ramp
-    assert ramp[0][1] == 0 and 0 < ramp[2][1] < 0.5 and ramp[-1][1] == pytest.approx(0.5)
+    # The auxiliary terms' factor (here on the edge term) is 0 until aux_start_step = 2, then ramps to 1 over
+    # aux_warmup_steps = 4 and stays there.
+    ramp = [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "train/aux_scale")]
+    assert ramp and all(value == pytest.approx(min(max(step - 2, 0) / 4, 1.0)) for step, value in ramp), ramp
+    assert ramp[0][1] == 0 and 0 < ramp[2][1] < 1 and ramp[-1][1] == pytest.approx(1.0)
     assert run.data.metrics["train/entropy"] < 0  # the code-entropy term is on (entropy_weight: 0.01)
     gains = [m.step for m in client.get_metric_history(run.info.run_id, "train/token_gain")]
     # TakeOffMonitor(every=2) measures after optimizer steps 2, 4, 6, 8: the logger files them under batches 1-7.

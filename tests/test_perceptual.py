@@ -135,6 +135,8 @@ def test_the_perceptual_term_enters_the_tokenizer_loss(net_folder, prediction):
     with_term.loss.backward()
     assert tok.encoder.out.weight.grad.abs().sum() > 0
     assert "perceptual" not in " ".join(tok.state_dict())  # never exported with the tokenizer
+    off = tok(x, generator=torch.Generator().manual_seed(1), aux_scale=0.0)  # the module's schedule: not yet on
+    assert off.perceptual == 0 and torch.equal(off.loss, off.diffusion + off.commitment)
 
 
 def test_perceptual_config_errors_name_the_key(net_folder):

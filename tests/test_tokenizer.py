@@ -150,11 +150,11 @@ def test_the_edge_term_is_the_x0_errors_spatial_differences(prediction):
     torch.testing.assert_close(edged.edge, expected, rtol=1e-4, atol=1e-6)
     assert edged.edge > 0
     torch.testing.assert_close(edged.loss, plain.loss + 0.5 * edged.edge)
-    # A per-step weight (the training module's warm-up) overrides the config's 0.5 (each call is its own step:
-    # the quantizer's EMA moved, so compare each total with its own parts).
-    overridden = tok(x, generator=torch.Generator().manual_seed(1), edge_weight=0.0)
+    # A per-step factor (the training module's schedule) scales the config's 0.5 (each call is its own step: the
+    # quantizer's EMA moved, so compare each total with its own parts).
+    overridden = tok(x, generator=torch.Generator().manual_seed(1), aux_scale=0.0)
     assert overridden.edge == 0 and torch.equal(overridden.loss, overridden.diffusion + overridden.commitment)
-    doubled = tok(x, generator=torch.Generator().manual_seed(1), edge_weight=2.0)
+    doubled = tok(x, generator=torch.Generator().manual_seed(1), aux_scale=4.0)
     assert doubled.edge > 0
     torch.testing.assert_close(doubled.loss, doubled.diffusion + doubled.commitment + 2.0 * doubled.edge)
     with pytest.raises(ValueError, match="edge_weight"):

@@ -28,8 +28,8 @@ class TokenizerModule(L.LightningModule):
         weight_decay: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.99),
         grad_clip_norm: float | None = 1.0,
-        edge_start_step: int = 0,
-        edge_warmup_steps: int = 0,
+        aux_start_step: int = 0,
+        aux_warmup_steps: int = 0,
         sampler_steps: int = 8,
         guidance: float = 1.0,
         prefix_tokens: list[int] | None = None,
@@ -76,28 +76,29 @@ class TokenizerModule(L.LightningModule):
             self.log("data/skipped", batch["num_skipped"].float(), reduce_fx="sum", batch_size=max(b, 1))
         if b == 0:  # every file of the batch was unreadable (counted above): nothing to learn from
             return None
-        edge_weight = self.edge_weight()
-        out = self.tokenizer(images, generator=self._step_generator(), edge_weight=edge_weight)
+        aux_scale = self.aux_scale()
+        out = self.tokenizer(images, generator=self._step_generator(), aux_scale=aux_scale)
         self.log("train/loss", out.loss, prog_bar=True, batch_size=b)
         self.log("train/diffusion", out.diffusion, batch_size=b)
         self.log("train/commitment", out.commitment, batch_size=b)
+        if self.tokenizer.config.edge_weight > 0 or self.tokenizer.config.perceptual_weight > 0:
+            self.log("train/aux_scale", aux_scale, batch_size=b)
         if self.tokenizer.config.edge_weight > 0:
             self.log("train/edge", out.edge, batch_size=b)
-            self.log("train/edge_weight", edge_weight, batch_size=b)
         if self.tokenizer.config.entropy_weight > 0:
             self.log("train/entropy", out.entropy, batch_size=b)
         if self.tokenizer.config.perceptual_weight > 0:
             self.log("train/perceptual", out.perceptual, batch_size=b)
         return out.loss
 
-    def edge_weight(self) -> float:
-        """`TokenizerConfig.edge_weight` from optimizer step `edge_start_step` on, ramped linearly from 0 over
-        `edge_warmup_steps`. Measured (README): with the edge term from the start, some runs never take off - the
-        decoder does not learn to read the tokens - so the term waits until the tokens are in use."""
+    def aux_scale(self) -> float:
+        """The factor on the auxiliary loss terms (`TokenizerConfig.edge_weight`, `perceptual_weight`) at this
+        step: 0 before optimizer step `aux_start_step`, then ramped linearly to 1 over `aux_warmup_steps`.
+        Measured (README): with either term from the start, some runs never take off - the decoder does not learn
+        to read the tokens - so the terms can wait until the tokens are in use."""
         hp = self.hparams
-        after = self.global_step - hp.edge_start_step
-        factor = float(after >= 0) if hp.edge_warmup_steps <= 0 else min(max(after / hp.edge_warmup_steps, 0.0), 1.0)
-        return self.tokenizer.config.edge_weight * factor
+        after = self.global_step - hp.aux_start_step
+        return float(after >= 0) if hp.aux_warmup_steps <= 0 else min(max(after / hp.aux_warmup_steps, 0.0), 1.0)
 
     def _step_generator(self) -> torch.Generator:
         # Noise, times and dropouts are a function of (seed, step, rank) alone, so a run resumed from a checkpoint
