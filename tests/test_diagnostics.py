@@ -14,6 +14,7 @@ from ddt_lightning.diagnostics import (
     oracle_tokens,
     read_agreement,
     sample_oracle,
+    shape_probe,
     token_sensitivity,
     train_oracle_decoder,
 )
@@ -71,6 +72,18 @@ def test_token_sensitivity_is_zero_for_an_unchanged_scene():
     assert report["quantisation_error"] > 0
 
 
+def test_the_shape_probe_reads_pixels_and_nothing_from_constant_codes():
+    # The pixels of one-object scenes carry their shape; codes that are one vector for every id carry nothing, so
+    # their probe can do no better than the most frequent shape of the test scenes.
+    tokenizer = DDTTokenizer(dataclasses.replace(PRESETS["micro"], image_size=32)).eval()
+    tokenizer.quantizer.codebook.copy_(tokenizer.quantizer.codebook[:1].expand_as(tokenizer.quantizer.codebook))
+    report = shape_probe(tokenizer, num_train=1000, num_test=300, epochs=40)
+    assert set(report) == {"codes", "encoder", "pixels"}
+    assert report["pixels"] > 0.38  # chance 0.25
+    assert report["codes"] <= 0.36  # 300 scenes of 4 shapes: the most frequent is at most about a third
+    assert report["encoder"] > report["codes"]
+
+
 def test_the_commands_print_one_json_object(tmp_path, capsys):
     tokenizer = DDTTokenizer(dataclasses.replace(PRESETS["micro"], image_size=32))
     tokenizer.save_pretrained(tmp_path / "export")
@@ -82,3 +95,6 @@ def test_the_commands_print_one_json_object(tmp_path, capsys):
     assert main(args) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["config"]["steps"] == 2 and all(0 <= v <= 1 for v in report["one_step"].values())
+    assert main(["probe", str(tmp_path / "export"), "--num-train", "100", "--num-test", "20"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(report["shape_probe"]) == {"codes", "encoder", "pixels"}
