@@ -209,11 +209,13 @@ def reconstruction_report(tokenizer: DDTTokenizer, num_scenes: int = 256, seed: 
 
 
 def shape_probe(
-    tokenizer: DDTTokenizer, num_train: int = 3000, num_test: int = 1000, epochs: int = 60, seed: int = 0
+    tokenizer: DDTTokenizer, num_train: int = 20_000, num_test: int = 2_000, epochs: int = 15, seed: int = 0
 ) -> dict[str, float]:
     """Held-out accuracy of an MLP probe (one hidden layer of 256) that reads the shape of the single object of a
     world scene from: `codes` (the quantised tokens, flattened), `encoder` (the encoder's output before the
-    quantizer), `pixels` (the image). Chance is 1/4. Scenes: `World(seed=77)`, a stream no split trains on."""
+    quantizer), `pixels` (the image). Chance is 1/4. Scenes: `World(seed=77)`, a stream no split trains on.
+    The probe needs many scenes: with 3,000 it reads the pixels' shape on only 62 % of test scenes, with 20,000 on
+    95 % (README); about 2.5 minutes on 2 cores at the defaults."""
     cfg = tokenizer.config
     world, images, labels, index = World(seed=77, resolution=cfg.image_size), [], [], 0
     while len(labels) < num_train + num_test:
@@ -224,9 +226,10 @@ def shape_probe(
             labels.append(SHAPES.index(scene.objects[0].shape))
     x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1  # (N, 3, R, R)
     y = torch.tensor(labels)
-    with torch.no_grad():
-        z, ids = tokenizer.search_latent(tokenizer.to_latent(x))  # (N, T, m), (N, T)
-        codes = tokenizer.quantizer.lookup(ids)
+    with torch.no_grad():  # in chunks: the encoder's activations for all N scenes at once do not fit in memory
+        chunks = [tokenizer.search_latent(tokenizer.to_latent(x[i : i + 512])) for i in range(0, len(x), 512)]
+        z = torch.cat([c[0] for c in chunks])  # (N, T, m)
+        codes = tokenizer.quantizer.lookup(torch.cat([c[1] for c in chunks]))  # (N, T, m)
     generator = torch.Generator().manual_seed(seed)
     report = {}
     for name, features in (("codes", codes.flatten(1)), ("encoder", z.flatten(1)), ("pixels", x.flatten(1))):
@@ -266,8 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     tokens.add_argument("--num-scenes", type=int, default=256)
     probe = commands.add_parser("probe", help="is an object's shape in the tokens? an MLP probe vs the pixels")
     probe.add_argument("export", help="a folder written by DDTTokenizer.save_pretrained")
-    probe.add_argument("--num-train", type=int, default=3000)
-    probe.add_argument("--num-test", type=int, default=1000)
+    probe.add_argument("--num-train", type=int, default=20_000)
+    probe.add_argument("--num-test", type=int, default=2_000)
     args = parser.parse_args(argv)
     if args.command == "oracle":
         decoder, _ = train_oracle_decoder(
