@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ddt_lightning.data.images import uint8_to_tensor
 from ddt_lightning.data.world import COLOURS, SHAPES, SIZES, Scene, World, WorldObject, render
 from ddt_lightning.geneval import attribute_agreement, detect_objects, geneval_suite
 from ddt_lightning.models.decoder import DDTDecoder, guided
@@ -98,7 +99,7 @@ def train_oracle_decoder(
     losses = []
     for step in tqdm(range(steps), desc="oracle decoder", disable=not progress, mininterval=2.0):
         scenes = [world.scene(step * batch_size + i) for i in range(batch_size)]
-        x0 = torch.from_numpy(np.stack([render(s, resolution) for s in scenes])).permute(0, 3, 1, 2) / 127.5 - 1
+        x0 = uint8_to_tensor(np.stack([render(s, resolution) for s in scenes]))  # (B, 3, R, R)
         codes = torch.stack([oracle_tokens(s, max_objects) for s in scenes])
         t = sample_time(batch_size, time_shift, x0.device, generator)
         dropped = torch.rand(batch_size, generator=generator) < p_uncond
@@ -175,8 +176,8 @@ def token_sensitivity(tokenizer: DDTTokenizer, num_pairs: int = 100, seed: int =
     pairs = [_variants(rng, cfg.image_size) for _ in range(num_pairs)]
     names = list(pairs[0][1])
     scenes = [base for base, _ in pairs] + [variants[n] for n in names for _, variants in pairs]
-    x = torch.from_numpy(np.stack([render(s, cfg.image_size) for s in scenes])).permute(0, 3, 1, 2) / 127.5 - 1
-    z, ids = tokenizer.search_latent(tokenizer.to_latent(x.float()))  # (B, T, m), (B, T)
+    x = uint8_to_tensor(np.stack([render(s, cfg.image_size) for s in scenes]))  # (B, 3, R, R)
+    z, ids = tokenizer.search_latent(tokenizer.to_latent(x))  # (B, T, m), (B, T)
     codes = tokenizer.quantizer.lookup(ids)
     if cfg.cosine_codes:
         codes = F.normalize(codes, dim=-1)
@@ -196,7 +197,7 @@ def reconstruction_report(tokenizer: DDTTokenizer, num_scenes: int = 256, seed: 
     """Checker agreement per attribute on the tokenizer's reconstructions of held-out scenes (one step, and the
     main job's 8-step sampler with guidance 2)."""
     prompts = geneval_suite(seed, num_scenes, tokenizer.config.image_size)
-    x = torch.from_numpy(np.stack([p.reference for p in prompts])).permute(0, 3, 1, 2).float() / 127.5 - 1
+    x = uint8_to_tensor(np.stack([p.reference for p in prompts]))  # (N, 3, R, R)
     ids = tokenizer.encode(x)
     report = {}
     for name, steps, guidance in (("one_step", 1, 1.0), ("sampler", 8, 2.0)):
@@ -224,7 +225,7 @@ def shape_probe(
         if len(scene.objects) == 1:
             images.append(render(scene, cfg.image_size))
             labels.append(SHAPES.index(scene.objects[0].shape))
-    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1  # (N, 3, R, R)
+    x = uint8_to_tensor(np.stack(images))  # (N, 3, R, R)
     y = torch.tensor(labels)
     with torch.no_grad():  # in chunks: the encoder's activations for all N scenes at once do not fit in memory
         chunks = [tokenizer.search_latent(tokenizer.to_latent(x[i : i + 512])) for i in range(0, len(x), 512)]

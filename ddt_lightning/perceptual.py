@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ddt_lightning.data.images import uint8_to_tensor
 from ddt_lightning.data.world import World, render, render_shape_labels
 from ddt_lightning.models.perceptual import FeatureNet, FeatureNetConfig
 from ddt_lightning.modules.optim import warmup_cosine
@@ -35,8 +36,7 @@ def world_shape_data(seed: int, split_id: int, count: int, resolution: int) -> t
     scenes = [world.scene(i) for i in range(count)]
     images = np.stack([render(s, resolution) for s in scenes])
     labels = np.stack([render_shape_labels(s, resolution) for s in scenes])
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
-    return x, torch.from_numpy(labels).long()
+    return uint8_to_tensor(images), torch.from_numpy(labels).long()
 
 
 @torch.no_grad()

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ddt_lightning.data.images import DEFAULT_BACKGROUND, BadImageError, ImageTransform, load_rgb
+from ddt_lightning.data.images import DEFAULT_BACKGROUND, BadImageError, ImageTransform, load_rgb, uint8_to_tensor
 
 WHITE = np.array(DEFAULT_BACKGROUND)
 
@@ -161,3 +161,14 @@ def test_random_flip_flips_sometimes():
     lefts = {bool(o[0, 0, 0] > 0) for o in outs}
     assert lefts == {True, False}
     assert all(ImageTransform(8)(Image.fromarray(image))[0, 0, 0] > 0 for _ in range(5))
+
+
+def test_uint8_to_tensor_maps_0_and_255_to_the_ends_and_a_batch_like_its_images():
+    arrays = np.random.default_rng(0).integers(0, 256, size=(3, 5, 4, 3), dtype=np.uint8)  # (N, H, W, 3)
+    arrays[0, 0, 0] = (0, 255, 128)
+    one = uint8_to_tensor(arrays[0])
+    assert one.shape == (3, 5, 4) and one.dtype == torch.float32
+    assert one[:, 0, 0].tolist() == [-1.0, 1.0, pytest.approx(128 / 127.5 - 1, abs=1e-6)]
+    assert torch.equal(one[:, 2, 1], torch.from_numpy(arrays[0, 2, 1]).float() / 127.5 - 1)
+    batch = uint8_to_tensor(arrays)
+    assert batch.shape == (3, 3, 5, 4) and torch.equal(batch, torch.stack([uint8_to_tensor(a) for a in arrays]))

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from ddt_lightning import DDTTokenizer
+from ddt_lightning.data.images import uint8_to_tensor
 from ddt_lightning.data.world import BACKGROUND, COLOURS, SHAPES, Scene, World, WorldObject, render, render_shape_labels
 from ddt_lightning.models.perceptual import FeatureNet, FeatureNetConfig, PerceptualDistance
 from ddt_lightning.perceptual import main as perceptual_main
@@ -18,10 +19,6 @@ from ddt_lightning.tokenizer import TokenizerConfig
 MICRO = TokenizerConfig.preset("micro", decoder_depth=2)
 RES = 16  # the tokenizer's micro preset
 NET_RES = 32  # the feature net's (it is fully convolutional: it takes any size)
-
-
-def to_tensor(image: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(image.copy()).permute(2, 0, 1).float() / 127.5 - 1
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +82,7 @@ def test_the_distance_weighs_a_shape_change_above_a_one_pixel_move(trained):
         base.append(render(Scene([obj]), NET_RES))
         shape.append(render(Scene([dataclasses.replace(obj, shape="triangle")]), NET_RES))
         move.append(render(Scene([dataclasses.replace(obj, x=float(x) + 1 / NET_RES)]), NET_RES))
-    base, shape, move = (torch.stack([to_tensor(i) for i in group]) for group in (base, shape, move))
+    base, shape, move = (uint8_to_tensor(np.stack(group)) for group in (base, shape, move))
     d_shape, d_move = distance(shape, base), distance(move, base)
     mse_shape, mse_move = (shape - base).pow(2).mean(), (move - base).pow(2).mean()
     assert torch.all(distance(base, base) == 0)
@@ -112,8 +109,7 @@ def test_the_perceptual_term_enters_the_tokenizer_loss(net_folder, prediction):
     # Same weights and draws with and without the term: only the total changes, by weight x perceptual, and
     # perceptual is the distance of the decoder's x0 estimate to the image (recomputed from its inputs).
     base = dataclasses.replace(MICRO, prediction=prediction)
-    x = torch.from_numpy(World(seed=1, resolution=RES).render_range(0, 4, progress=False)[0]).permute(0, 3, 1, 2)
-    x = x.float() / 127.5 - 1
+    x = uint8_to_tensor(World(seed=1, resolution=RES).render_range(0, 4, progress=False)[0])  # (4, 3, 16, 16)
     seen, outs = {}, {}
     for weight in (0.0, 0.3):
         torch.manual_seed(0)

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from einops import rearrange
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 DEFAULT_BACKGROUND: tuple[int, int, int] = (255, 255, 255)
@@ -118,9 +119,9 @@ def load_rgb(
 
 
 def uint8_to_tensor(array: np.ndarray) -> torch.Tensor:
-    """(H, W, 3) uint8 -> (3, H, W) float32 in [-1, 1]."""
+    """(..., H, W, 3) uint8 -> (..., 3, H, W) float32 in [-1, 1]: one image, or a stacked batch (N, H, W, 3)."""
     # np.array copies: the source may be a read-only memory map or a PIL buffer.
-    tensor = torch.from_numpy(np.array(array, dtype=np.uint8)).permute(2, 0, 1)  # (3, H, W)
+    tensor = rearrange(torch.from_numpy(np.array(array, dtype=np.uint8)), "... h w c -> ... c h w")
     return tensor.to(torch.float32).div_(127.5).sub_(1.0)
 
 
