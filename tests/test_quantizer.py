@@ -305,6 +305,9 @@ def _entropy_rank(rank: int, world: int, store: str, x: torch.Tensor, codebook: 
     gap = vq.code_entropy_gap(part)
     gap.backward()
     torch.save({"gap": gap.detach(), "grad": part.grad}, f"{out}{rank}.pt")
+    # Both ranks reach here before either tears gloo down: a rank that destroys its group while its peer is still
+    # talking to it can abort the peer ("terminate called without an active exception", seen once in CI).
+    dist.barrier()
     dist.destroy_process_group()
 
 
