@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ddt_lightning.models.decoder import DDTDecoder, guided
+from ddt_lightning.models.distill import FeatureHead, distill_loss, teacher_targets
 from ddt_lightning.models.encoder import DDTEncoder
 from ddt_lightning.models.quantizer import VectorQuantizer
 from ddt_lightning.models.schedule import TokenMap, euler_sample, sample_time
@@ -72,10 +73,15 @@ class TokenizerConfig:
     edge_weight: float = 0.0  # weight of the x0 error's spatial differences in the loss (0: plain MSE; see forward)
     p_pure_noise: float = 0.0  # fraction of training samples at t = 1 (pure noise, all tokens): a take-off aid
     token_adaln: bool = False  # the visible tokens also modulate the decoder's AdaLN (DDTDecoder): a take-off aid
-    # LPIPS-style distance of the x0 estimate to x0 through a frozen FeatureNet (models/perceptual.py), trained by
-    # `python -m ddt_lightning.perceptual train` and loaded from `perceptual_net` (a local folder); 0: off.
+    # A frozen FeatureNet (models/perceptual.py; `python -m ddt_lightning.perceptual train FOLDER`), loaded from
+    # the local folder `feature_net` for the two terms that use it (training only):
+    feature_net: str | None = None
+    # - an LPIPS-style distance of the x0 estimate to x0 through it; 0: off;
     perceptual_weight: float = 0.0
-    perceptual_net: str | None = None
+    # - feature distillation (models/distill.py): a head reads the quantized tokens and predicts the net's deepest
+    #   feature map (`distill_dim` is its width), so the codes must carry what the net sees; 1 - cosine. 0: off.
+    distill_weight: float = 0.0
+    distill_dim: int = 64
     vae_path: str | None = None  # a local diffusers AutoencoderKL folder: work in its latent space
     vae_downsample: int = 8
 
@@ -90,6 +96,8 @@ class TokenizerConfig:
             "edge_weight": self.edge_weight >= 0,
             "p_pure_noise": 0 <= self.p_pure_noise < 1,
             "perceptual_weight": self.perceptual_weight >= 0,
+            "distill_weight": self.distill_weight >= 0,
+            "distill_dim": self.distill_dim > 0,
             "time_shift": self.time_shift > 0,
             "sampler_shift": self.sampler_shift > 0,
             "prediction": self.prediction in ("x0", "velocity"),
@@ -103,15 +111,15 @@ class TokenizerConfig:
                 else f"invalid value {getattr(self, key)!r}"
             )
             raise ValueError(f"TokenizerConfig.{key}: {detail}")
-        if self.perceptual_weight > 0 and not self.perceptual_net:
-            raise ValueError(
-                f"TokenizerConfig.perceptual_net: perceptual_weight={self.perceptual_weight} needs a feature network "
-                "folder (python -m ddt_lightning.perceptual train FOLDER)"
-            )
-        if self.perceptual_weight > 0 and self.vae_path:
-            raise ValueError(
-                "TokenizerConfig.perceptual_weight: the perceptual term works in pixel space, not with vae_path"
-            )
+        for key in ("perceptual_weight", "distill_weight"):
+            weight = getattr(self, key)
+            if weight > 0 and not self.feature_net:
+                raise ValueError(
+                    f"TokenizerConfig.feature_net: {key}={weight} needs a feature network folder "
+                    "(python -m ddt_lightning.perceptual train FOLDER)"
+                )
+            if weight > 0 and self.vae_path:
+                raise ValueError(f"TokenizerConfig.{key}: the feature network works in pixel space, not with vae_path")
         TokenMap(self.num_tokens, self.stage_tokens)  # validates stage_tokens against num_tokens
 
     @property
@@ -178,6 +186,7 @@ class TokenizerLosses(NamedTuple):
     edge: torch.Tensor  # mean squared spatial difference of the x0 error (0 when edge_weight = 0)
     entropy: torch.Tensor  # the quantizer's weighted code-entropy term (0 when entropy_weight = 0)
     perceptual: torch.Tensor  # mean perceptual distance of the x0 estimate to x0 (0 when perceptual_weight = 0)
+    distill: torch.Tensor  # 1 - mean cosine of the feature head's prediction to the net's features (0 when off)
 
 
 def check_data_resolution(data: object, image_size: int, where: str, fix: str) -> None:
@@ -217,13 +226,23 @@ class DDTTokenizer(nn.Module):
         self.decoder = DDTDecoder(
             dim=cfg.decoder_dim, depth=cfg.decoder_depth, heads=cfg.decoder_heads, token_adaln=cfg.token_adaln, **common
         )
+        self.feature_head = None
+        if cfg.distill_weight > 0:  # trained with the tokenizer (and resumed with it), never used at inference
+            self.feature_head = FeatureHead(
+                cfg.num_tokens,
+                cfg.code_dim,
+                grid=size // cfg.patch_size,
+                out_dim=cfg.distill_dim,
+                dim=cfg.encoder_dim,
+                heads=cfg.encoder_heads,
+            )
         self.token_map = TokenMap(cfg.num_tokens, cfg.stage_tokens)
         self.vae = None  # frozen, loaded by `load_vae`; never part of the trained state
-        self.perceptual = None  # frozen PerceptualDistance, loaded by `load_perceptual`; likewise
+        self.perceptual = None  # frozen PerceptualDistance, loaded by `load_feature_net`; likewise
 
-    def load_perceptual(self, path: str | Path) -> None:
-        """Load the frozen feature network of the perceptual term from a local folder (training only: exports and
-        inference never need it)."""
+    def load_feature_net(self, path: str | Path) -> None:
+        """Load the frozen feature network of the perceptual and distillation terms from a local folder (training
+        only: exports and inference never need it)."""
         from ddt_lightning.models.perceptual import FeatureNet, PerceptualDistance
 
         distance = PerceptualDistance(FeatureNet.from_pretrained(path))
@@ -231,6 +250,12 @@ class DDTTokenizer(nn.Module):
             raise ValueError(
                 f"feature network at {path} takes {distance.net.config.in_channels} channels but "
                 f"TokenizerConfig.in_channels={self.config.in_channels}"
+            )
+        width = distance.net.config.widths[-1]
+        if self.config.distill_weight > 0 and width != self.config.distill_dim:
+            raise ValueError(
+                f"feature network at {path} ends in {width} channels but TokenizerConfig.distill_dim="
+                f"{self.config.distill_dim}"
             )
         object.__setattr__(self, "perceptual", distance)  # not a submodule: out of state_dict and optimiser
 
@@ -314,11 +339,21 @@ class DDTTokenizer(nn.Module):
             # train: unlike the pixel MSE it weighs a wrong shape far above a 1-pixel shift, so it asks the tokens
             # for what the MSE leaves out. It moves the minimiser away from E[x0 | x_t, tokens] (sharper, biased).
             if self.perceptual is None:
-                raise RuntimeError(f"perceptual_weight > 0: call load_perceptual({cfg.perceptual_net!r}) first")
+                raise RuntimeError(f"perceptual_weight > 0: call load_feature_net({cfg.feature_net!r}) first")
             x0_hat = pred if cfg.prediction == "x0" else x_t - tb * pred  # v = eps - x0
             perceptual = self.perceptual.to(x0.device)(x0_hat, x0).mean()
             loss = loss + perceptual_weight * perceptual
-        return TokenizerLosses(loss, diffusion, q.commit_loss, q.indices, edge, q.entropy_loss, perceptual)
+        distill = diffusion.new_zeros(())
+        if cfg.distill_weight > 0:
+            # The codes themselves must let a second reader rebuild what the frozen network sees (shape); unlike
+            # the perceptual term this leaves the decoder's regression target alone.
+            if self.perceptual is None:
+                raise RuntimeError(f"distill_weight > 0: call load_feature_net({cfg.feature_net!r}) first")
+            with torch.no_grad():
+                target = teacher_targets(self.perceptual.to(x0.device).net.features(x0)[-1], self.feature_head.grid)
+            distill = distill_loss(self.feature_head(q.quantized), target)
+            loss = loss + cfg.distill_weight * distill
+        return TokenizerLosses(loss, diffusion, q.commit_loss, q.indices, edge, q.entropy_loss, perceptual, distill)
 
     @torch.no_grad()
     def token_gain(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """The perceptual term: world shape labels, the feature network (training, export), the LPIPS-style distance and
 its place in the tokenizer's loss."""
 
+import copy
 import dataclasses
 import json
 
@@ -113,10 +114,10 @@ def test_the_perceptual_term_enters_the_tokenizer_loss(net_folder, prediction):
     seen, outs = {}, {}
     for weight in (0.0, 0.3):
         torch.manual_seed(0)
-        cfg = dataclasses.replace(base, perceptual_weight=weight, perceptual_net=net_folder if weight else None)
+        cfg = dataclasses.replace(base, perceptual_weight=weight, feature_net=net_folder if weight else None)
         tok = DDTTokenizer(cfg)
         if weight:
-            tok.load_perceptual(net_folder)
+            tok.load_feature_net(net_folder)
         hook = tok.decoder.register_forward_hook(lambda m, args, out: seen.update(args=args, out=out))
         outs[weight] = tok(x, generator=torch.Generator().manual_seed(1))
         hook.remove()
@@ -138,25 +139,25 @@ def test_the_perceptual_term_enters_the_tokenizer_loss(net_folder, prediction):
 def test_perceptual_config_errors_name_the_key(net_folder):
     with pytest.raises(ValueError, match="perceptual_weight"):
         TokenizerConfig(perceptual_weight=-0.1)
-    with pytest.raises(ValueError, match=r"perceptual_net: perceptual_weight=0\.1 needs a feature network"):
+    with pytest.raises(ValueError, match=r"feature_net: perceptual_weight=0\.1 needs a feature network"):
         TokenizerConfig(perceptual_weight=0.1)
     with pytest.raises(ValueError, match="pixel space"):
-        TokenizerConfig(perceptual_weight=0.1, perceptual_net=net_folder, vae_path="vae")
-    tok = DDTTokenizer(dataclasses.replace(MICRO, perceptual_weight=0.1, perceptual_net=net_folder))
-    with pytest.raises(RuntimeError, match="load_perceptual"):
+        TokenizerConfig(perceptual_weight=0.1, feature_net=net_folder, vae_path="vae")
+    tok = DDTTokenizer(dataclasses.replace(MICRO, perceptual_weight=0.1, feature_net=net_folder))
+    with pytest.raises(RuntimeError, match="load_feature_net"):
         tok(torch.zeros(2, 3, RES, RES))
     with pytest.raises(ValueError, match=r"takes 3 channels but TokenizerConfig\.in_channels=1"):
-        DDTTokenizer(dataclasses.replace(MICRO, in_channels=1)).load_perceptual(net_folder)
+        DDTTokenizer(dataclasses.replace(MICRO, in_channels=1)).load_feature_net(net_folder)
 
 
 def test_the_training_module_loads_the_net_and_logs_the_term(net_folder):
     from ddt_lightning.modules import TokenizerModule
 
-    cfg = dataclasses.replace(MICRO, perceptual_weight=0.2, perceptual_net=net_folder)
+    cfg = dataclasses.replace(MICRO, perceptual_weight=0.2, feature_net=net_folder)
     module = TokenizerModule(tokenizer=cfg)
     assert isinstance(module.tokenizer.perceptual, PerceptualDistance)
     assert not any("perceptual" in name for name, _ in module.named_parameters())
-    missing = dataclasses.replace(cfg, perceptual_net="/nonexistent/features")
+    missing = dataclasses.replace(cfg, feature_net="/nonexistent/features")
     with pytest.raises(FileNotFoundError, match="/nonexistent/features"):
         TokenizerModule(tokenizer=missing)
 
@@ -169,3 +170,74 @@ def test_the_command_trains_saves_and_prints_json(tmp_path, capsys):
     meta = json.loads((out / "config.json").read_text())["metadata"]
     assert meta["steps"] == 5 and meta["shape_accuracy"] == result["shape_accuracy"]
     assert FeatureNet.from_pretrained(out).config.num_classes == 1 + len(SHAPES)
+
+
+def test_the_distillation_term_reads_the_codes_and_leaves_the_decoder_alone(net_folder):
+    # Same weights and draws with and without the term: only the total changes, by weight x distill, and distill is
+    # 1 - the mean cosine of the feature head's prediction from the quantized tokens to the net's deepest features
+    # of the clean image, pooled to the patch grid. Its gradient reaches the encoder (through the straight-through
+    # quantizer) and the head, never the decoder.
+    x = uint8_to_tensor(World(seed=1, resolution=RES).render_range(0, 4, progress=False)[0])
+    seen, outs = {}, {}
+    for weight in (0.0, 0.5):
+        torch.manual_seed(0)
+        cfg = dataclasses.replace(MICRO, distill_weight=weight, feature_net=net_folder if weight else None)
+        tok = DDTTokenizer(cfg)
+        if weight:
+            tok.load_feature_net(net_folder)
+            hook = tok.feature_head.register_forward_hook(lambda m, args, out: seen.update(codes=args[0], out=out))
+            before = copy.deepcopy(tok.quantizer)  # the forward's EMA moves the codebook
+        outs[weight] = tok(x, generator=torch.Generator().manual_seed(1))
+    hook.remove()
+    plain, with_term = outs[0.0], outs[0.5]
+    assert plain.distill == 0 and torch.equal(plain.diffusion, with_term.diffusion)
+    codes = before.lookup(with_term.indices)  # the head reads the quantized tokens, all T of them
+    torch.testing.assert_close(seen["codes"], codes)
+    grid = RES // MICRO.patch_size
+    feats = FeatureNet.from_pretrained(net_folder).features(x)[-1]  # (4, 64, 4, 4) at 16 px: pooled to 4 x 4
+    target = torch.nn.functional.adaptive_avg_pool2d(feats, grid).flatten(2).transpose(1, 2)
+    expected = 1 - torch.nn.functional.cosine_similarity(seen["out"], target, dim=-1).mean()
+    torch.testing.assert_close(with_term.distill, expected)
+    torch.testing.assert_close(with_term.loss, plain.loss + 0.5 * with_term.distill)
+    with_term.distill.backward()
+    assert tok.encoder.out.weight.grad.abs().sum() > 0 and tok.feature_head.out.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in tok.decoder.parameters())
+    # The head is trained state (an exact resume needs it); the frozen net is not.
+    assert any(name.startswith("feature_head.") for name in tok.state_dict())
+    assert "perceptual" not in " ".join(tok.state_dict())
+
+
+def test_the_feature_head_learns_to_read_features_from_codes():
+    # The head alone, on fixed random codes that determine their targets through a fixed random map: its loss falls.
+    from ddt_lightning.models.distill import FeatureHead, distill_loss
+
+    torch.manual_seed(0)
+    head = FeatureHead(num_tokens=8, token_dim=4, grid=2, out_dim=6, dim=32, heads=2)
+    codes = torch.randn(64, 8, 4)
+    target = torch.einsum("btm,tmgd->bgd", codes, torch.randn(8, 4, 4, 6))
+    opt = torch.optim.Adam(head.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(150):
+        loss = distill_loss(head(codes), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[0] > 0.8 and losses[-1] < 0.25 * losses[0]
+
+
+def test_distillation_config_errors_name_the_key(net_folder, tmp_path):
+    with pytest.raises(ValueError, match=r"feature_net: distill_weight=0\.5 needs a feature network"):
+        TokenizerConfig(distill_weight=0.5)
+    with pytest.raises(ValueError, match="distill_weight"):
+        TokenizerConfig(distill_weight=-1.0)
+    with pytest.raises(ValueError, match=r"distill_weight: the feature network works in pixel space"):
+        TokenizerConfig(distill_weight=0.5, feature_net=net_folder, vae_path="vae")
+    cfg = dataclasses.replace(MICRO, distill_weight=0.5, feature_net=net_folder)
+    with pytest.raises(ValueError, match=r"ends in 64 channels but TokenizerConfig\.distill_dim=32"):
+        DDTTokenizer(dataclasses.replace(cfg, distill_dim=32)).load_feature_net(net_folder)
+    tok = DDTTokenizer(cfg)
+    with pytest.raises(RuntimeError, match="load_feature_net"):
+        tok(torch.zeros(2, 3, RES, RES))
+    again = DDTTokenizer.from_pretrained(tok.save_pretrained(tmp_path / "export"))
+    torch.testing.assert_close(again.feature_head.out.weight, tok.feature_head.out.weight)

@@ -43,8 +43,8 @@ class TokenizerModule(L.LightningModule):
         self.tokenizer = DDTTokenizer(self.config)
         if self.config.vae_path is not None:
             self.tokenizer.load_vae(self.config.vae_path)
-        if self.config.perceptual_weight > 0:
-            self.tokenizer.load_perceptual(self.config.perceptual_net)
+        if self.config.perceptual_weight > 0 or self.config.distill_weight > 0:
+            self.tokenizer.load_feature_net(self.config.feature_net)
         if compile:
             # In place (nn.Module.compile), so state_dict keys and exports are unchanged.
             self.tokenizer.encoder.compile()
@@ -89,6 +89,8 @@ class TokenizerModule(L.LightningModule):
             self.log("train/entropy", out.entropy, batch_size=b)
         if self.tokenizer.config.perceptual_weight > 0:
             self.log("train/perceptual", out.perceptual, batch_size=b)
+        if self.tokenizer.config.distill_weight > 0:
+            self.log("train/distill", out.distill, batch_size=b)
         return out.loss
 
     def aux_scale(self) -> float:
