@@ -2,12 +2,15 @@
 
 design.md sections 1-2 and 4, stage by stage, all in one MLflow experiment, each with its progress bar:
 
+0. **features** - when the tokenizer's config names a `feature_net` folder (its distillation or perceptual term)
+   that does not exist yet: train that frozen network on the world (`python -m ddt_lightning.perceptual train`);
 1. **tokenizer** - `ddt fit --config <tokenizer>`: train the DDT tokenizer, export it, evaluate it on held-out images;
 2. **pretokenize** - `ddt pretokenize --config <pretokenize>`: encode the world's images and edit targets once;
 3. **llm** - `ddt fit --config <llm>`: train DDT-LLaMA on those shards, export the LM + tokenizers as one folder;
 4. **evaluate** - `ddt evaluate`: GenEval-style, captioning and editing scores on held-out prompts and images.
 
-A stage whose output already exists for the same inputs is reused, not recomputed, and the pipeline says so: the
+A stage whose output already exists for the same inputs is reused, not recomputed, and the pipeline says so (an
+existing feature network is used as it is, and the digest of its weights is part of the tokenizer's key): the
 tokenizer and LLM exports carry a `stage.json` with the digest of their config files (and, for the LLM, of the
 tokenizer and the shards it read) and the figures the stage reported; the shards carry their own manifest
 (`ddt_lightning/pretokenize.py`). The last line of standard output is one JSON object: the tokenizer's held-out
@@ -39,6 +42,10 @@ def _digest(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def _file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def _files(configs: str | list[str]) -> list[str]:
     return [configs] if isinstance(configs, str) else list(configs)
 
@@ -51,6 +58,30 @@ def _config_value(configs: list[str], key: str) -> Any:
     if not values:
         raise ValueError(f"{' + '.join(configs)}: the pipeline needs the top-level key {key!r}")
     return values[-1]
+
+
+def _tokenizer_value(configs: list[str], key: str, default: Any = None) -> Any:
+    """`model.init_args.tokenizer.<key>` of a tokenizer stage's YAMLs (the last file that sets it wins)."""
+    value = default
+    for config in configs:
+        init_args = (yaml.safe_load(Path(config).read_text()) or {}).get("model", {}).get("init_args", {})
+        value = (init_args.get("tokenizer") or {}).get(key, value)
+    return value
+
+
+def _features_or_reuse(folder: str, resolution: int, steps: int, scenes: int) -> str:
+    """Train the tokenizer's frozen feature network into `folder` unless it exists; "trained" | "reused"."""
+    from ddt_lightning.models.perceptual import CONFIG_NAME
+    from ddt_lightning.perceptual import train_feature_net
+
+    if (Path(folder) / CONFIG_NAME).is_file():
+        _say(f"features: reusing {folder}")
+        return "reused"
+    _say(f"features: python -m ddt_lightning.perceptual train {folder} --resolution {resolution} --steps {steps}")
+    net, scores = train_feature_net(resolution, steps, train_scenes=scenes)
+    net.save_pretrained(folder, data="world", resolution=resolution, steps=steps, seed=0, **scores)
+    _say(f"features: {json.dumps(scores)}")
+    return "trained"
 
 
 def _texts(configs: list[str]) -> list[str]:
@@ -98,6 +129,8 @@ def run_pipeline(
     top_k: int | None = None,
     decode_guidance: float = 2.0,
     seed: int = 0,
+    feature_net_steps: int = 800,
+    feature_net_scenes: int = 16_384,
 ) -> dict[str, Any]:
     """Run (or reuse) the four stages; returns the summary printed on the last line.
 
@@ -112,6 +145,7 @@ def run_pipeline(
         decode_guidance: the DDT decoder's own guidance when it draws the generated tokens (the tokenizer's
             sampler setting in configs/main.yaml).
         seed: the evaluation's sampling seed.
+        feature_net_steps, feature_net_scenes: training of the feature network (stage 0), when it is made here.
     """
     from ddt_lightning.pretokenize import main as pretokenize_main
     from ddt_lightning.pretokenize import tokenizer_digest
@@ -119,11 +153,24 @@ def run_pipeline(
     stages: dict[str, str] = {}
     timings: dict[str, float] = {}
 
-    # 1. tokenizer
+    # 0. the tokenizer's frozen feature network, if it uses one
     start = time.perf_counter()
     tokenizer, llm = _files(tokenizer), _files(llm)
+    feature_net, tokenizer_inputs = _tokenizer_value(tokenizer, "feature_net"), []
+    if feature_net:
+        resolution = _tokenizer_value(tokenizer, "image_size", 32)
+        stages["features"] = _features_or_reuse(feature_net, resolution, feature_net_steps, feature_net_scenes)
+        from ddt_lightning.models.perceptual import WEIGHTS_NAME
+
+        tokenizer_inputs.append(_file_digest(Path(feature_net) / WEIGHTS_NAME))
+        timings["features"] = time.perf_counter() - start
+
+    # 1. tokenizer
+    start = time.perf_counter()
     tokenizer_dir = Path(_config_value(tokenizer, "export_dir"))
-    tokenizer_results, stages["tokenizer"] = _fit_or_reuse("tokenizer", tokenizer, [], experiment_name, [])
+    tokenizer_results, stages["tokenizer"] = _fit_or_reuse(
+        "tokenizer", tokenizer, tokenizer_inputs, experiment_name, []
+    )
     timings["tokenizer"] = time.perf_counter() - start
 
     # 2. pretokenize (reuses its shards by itself: same tokenizer digest and data config)

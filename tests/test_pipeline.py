@@ -27,7 +27,7 @@ def test_pipeline_runs_every_stage_then_reuses_them(tmp_path, monkeypatch, capsy
     monkeypatch.chdir(tmp_path)  # and the outputs land in tmp_path
     summary, err = run(capsys)
 
-    assert summary["stages"] == {"tokenizer": "trained", "pretokenize": "done", "llm": "trained"}
+    assert summary["stages"] == {"features": "trained", "tokenizer": "trained", "pretokenize": "done", "llm": "trained"}
     for key in ("psnr_onestep", "psnr_sampler", "sampler_steps", "usage", "prefix_psnr"):
         assert key in summary, key
     assert len(summary["prefix_psnr"]) == 3 and summary["tokenizer_export"] == "tok"
@@ -41,7 +41,10 @@ def test_pipeline_runs_every_stage_then_reuses_them(tmp_path, monkeypatch, capsy
 
     AutoModelForCausalLM.from_pretrained("llm/lm")
     assert AutoTokenizer.from_pretrained("llm/lm").convert_tokens_to_ids("<boi>") >= 0
-    assert DDTTokenizer.from_pretrained("llm/ddt_tokenizer").config.num_tokens == 8
+    handed = DDTTokenizer.from_pretrained("llm/ddt_tokenizer")
+    assert handed.config.num_tokens == 8 and handed.config.distill_weight == 0.5  # micro_export.yaml merged in
+    assert handed.config.feature_net == "features" and Path("features/config.json").is_file()  # stage 0's net
+    assert handed.perceptual is None  # the frozen net is a training input, not part of the export
     assert json.loads(Path("tokens/manifest.json").read_text())["splits"]["train"]["items"] == 32
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -58,8 +61,13 @@ def test_pipeline_runs_every_stage_then_reuses_them(tmp_path, monkeypatch, capsy
 
     weights = Path("llm/lm/model.safetensors").stat().st_mtime_ns
     again, err = run(capsys)
-    assert again["stages"] == {"tokenizer": "reused", "pretokenize": "done", "llm": "reused"}
-    assert "tokenizer: reusing tok" in err and "pretokenize: reusing tokens" in err and "llm: reusing llm" in err
+    assert again["stages"] == {"features": "reused", "tokenizer": "reused", "pretokenize": "done", "llm": "reused"}
+    assert (
+        "features: reusing features" in err
+        and "tokenizer: reusing tok" in err
+        and "pretokenize: reusing tokens" in err
+        and "llm: reusing llm" in err
+    )
     assert Path("llm/lm/model.safetensors").stat().st_mtime_ns == weights
     for key in ("psnr_onestep", "prefix_psnr", "perplexity_text"):
         assert again[key] == summary[key]
