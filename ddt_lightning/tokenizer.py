@@ -173,6 +173,10 @@ PRESETS: dict[str, TokenizerConfig] = {
 }
 
 
+# Config keys renamed since exports were first written: old -> new (`from_pretrained` reads both).
+RENAMED_KEYS = {"perceptual_net": "feature_net"}
+
+
 def edge_loss(error: torch.Tensor) -> torch.Tensor:
     """Mean squared horizontal + vertical difference of an x0 error (B, C, H, W): the edge term of the loss."""
     return error.diff(dim=-1).pow(2).mean() + error.diff(dim=-2).pow(2).mean()
@@ -455,6 +459,9 @@ class DDTTokenizer(nn.Module):
             raise FileNotFoundError(f"no DDT tokenizer export at {directory}: {CONFIG_NAME} is missing")
         raw = json.loads(config_file.read_text())
         raw.pop("format", None)
+        for old, new in RENAMED_KEYS.items():  # exports written before a key was renamed
+            if old in raw and new not in raw:
+                raw[new] = raw.pop(old)
         known = {f.name for f in dataclasses.fields(TokenizerConfig)}
         unknown = sorted(set(raw) - known)
         if unknown:

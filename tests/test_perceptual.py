@@ -241,3 +241,19 @@ def test_distillation_config_errors_name_the_key(net_folder, tmp_path):
         tok(torch.zeros(2, 3, RES, RES))
     again = DDTTokenizer.from_pretrained(tok.save_pretrained(tmp_path / "export"))
     torch.testing.assert_close(again.feature_head.out.weight, tok.feature_head.out.weight)
+
+
+def test_an_export_written_before_the_feature_net_key_was_renamed_still_loads(tmp_path):
+    tok = DDTTokenizer(MICRO)
+    folder = tok.save_pretrained(tmp_path / "export")
+    config = json.loads((folder / "config.json").read_text())
+    config["perceptual_net"] = config.pop("feature_net")  # as written before the rename
+    config["perceptual_net"] = "features"
+    (folder / "config.json").write_text(json.dumps(config))
+    again = DDTTokenizer.from_pretrained(folder)
+    assert again.config.feature_net == "features"
+    torch.testing.assert_close(again.decoder.final.linear.weight, tok.decoder.final.linear.weight)
+    config["nonsense"] = 1
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"unknown keys \['nonsense'\]"):
+        DDTTokenizer.from_pretrained(folder)
