@@ -83,6 +83,24 @@ def train_feature_net(
     return net, segmentation_scores(net, x_val, y_val)
 
 
+def train_and_save(
+    output: str | Path,
+    resolution: int = 32,
+    steps: int = 800,
+    batch_size: int = 64,
+    train_scenes: int = 16_384,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, float]:
+    """`train_feature_net`, then `save_pretrained(output)` with how it was trained and scored as metadata; returns
+    the validation scores. The command and the pipeline's stage 0 both make their networks here."""
+    net, scores = train_feature_net(
+        resolution, steps, batch_size, train_scenes=train_scenes, seed=seed, progress=progress
+    )
+    net.save_pretrained(output, data="world", resolution=resolution, steps=steps, seed=seed, **scores)
+    return scores
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ddt_lightning.perceptual", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -95,11 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    net, scores = train_feature_net(
-        args.resolution, args.steps, args.batch_size, train_scenes=args.train_scenes, seed=args.seed
-    )
-    metadata = {"data": "world", "resolution": args.resolution, "steps": args.steps, "seed": args.seed, **scores}
-    net.save_pretrained(args.output, **metadata)
+    scores = train_and_save(args.output, args.resolution, args.steps, args.batch_size, args.train_scenes, args.seed)
     minutes = (time.perf_counter() - start) / 60
     print(json.dumps({"output": str(Path(args.output)), **scores, "minutes": round(minutes, 2)}))
     return 0

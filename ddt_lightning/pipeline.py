@@ -69,19 +69,21 @@ def _tokenizer_value(configs: list[str], key: str, default: Any = None) -> Any:
     return value
 
 
-def _features_or_reuse(folder: str, resolution: int, steps: int, scenes: int) -> str:
-    """Train the tokenizer's frozen feature network into `folder` unless it exists; "trained" | "reused"."""
-    from ddt_lightning.models.perceptual import CONFIG_NAME
-    from ddt_lightning.perceptual import train_feature_net
+def _features_or_reuse(folder: str, resolution: int, steps: int, scenes: int) -> tuple[str, str]:
+    """Train the tokenizer's frozen feature network into `folder` unless it exists; returns ("trained" | "reused",
+    the digest of its weights)."""
+    from ddt_lightning.models.perceptual import CONFIG_NAME, WEIGHTS_NAME
+    from ddt_lightning.perceptual import train_and_save
 
     if (Path(folder) / CONFIG_NAME).is_file():
         _say(f"features: reusing {folder}")
-        return "reused"
-    _say(f"features: python -m ddt_lightning.perceptual train {folder} --resolution {resolution} --steps {steps}")
-    net, scores = train_feature_net(resolution, steps, train_scenes=scenes)
-    net.save_pretrained(folder, data="world", resolution=resolution, steps=steps, seed=0, **scores)
-    _say(f"features: {json.dumps(scores)}")
-    return "trained"
+        status = "reused"
+    else:
+        _say(f"features: python -m ddt_lightning.perceptual train {folder} --resolution {resolution} --steps {steps}")
+        scores = train_and_save(folder, resolution, steps, train_scenes=scenes)
+        _say(f"features: {json.dumps(scores)}")
+        status = "trained"
+    return status, _file_digest(Path(folder) / WEIGHTS_NAME)
 
 
 def _texts(configs: list[str]) -> list[str]:
@@ -159,10 +161,8 @@ def run_pipeline(
     feature_net, tokenizer_inputs = _tokenizer_value(tokenizer, "feature_net"), []
     if feature_net:
         resolution = _tokenizer_value(tokenizer, "image_size", 32)
-        stages["features"] = _features_or_reuse(feature_net, resolution, feature_net_steps, feature_net_scenes)
-        from ddt_lightning.models.perceptual import WEIGHTS_NAME
-
-        tokenizer_inputs.append(_file_digest(Path(feature_net) / WEIGHTS_NAME))
+        stages["features"], digest = _features_or_reuse(feature_net, resolution, feature_net_steps, feature_net_scenes)
+        tokenizer_inputs.append(digest)
         timings["features"] = time.perf_counter() - start
 
     # 1. tokenizer
