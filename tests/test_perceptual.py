@@ -105,23 +105,33 @@ def net_folder(tmp_path_factory, trained):
     return str(trained[0].save_pretrained(tmp_path_factory.mktemp("features") / "net"))
 
 
+def _with_and_without(cfg, key, weight, net_folder, x, before_forward):
+    """The losses on `x` of two tokenizers with the same initial weights and random draws, the term `key` off and
+    at `weight`; returns (plain, with the term, the tokenizer with the term). `before_forward(tok)` runs on the
+    latter just before its forward (hooks, snapshots)."""
+    outs = {}
+    for w in (0.0, weight):
+        torch.manual_seed(0)
+        tok = DDTTokenizer(dataclasses.replace(cfg, **{key: w, "feature_net": net_folder if w else None}))
+        if w:
+            tok.load_feature_net(net_folder)
+            before_forward(tok)
+        outs[w] = tok(x, generator=torch.Generator().manual_seed(1))
+    return outs[0.0], outs[weight], tok
+
+
 @pytest.mark.parametrize("prediction", ["x0", "velocity"])
 def test_the_perceptual_term_enters_the_tokenizer_loss(net_folder, prediction):
     # Same weights and draws with and without the term: only the total changes, by weight x perceptual, and
     # perceptual is the distance of the decoder's x0 estimate to the image (recomputed from its inputs).
     base = dataclasses.replace(MICRO, prediction=prediction)
     x = uint8_to_tensor(World(seed=1, resolution=RES).render_range(0, 4, progress=False)[0])  # (4, 3, 16, 16)
-    seen, outs = {}, {}
-    for weight in (0.0, 0.3):
-        torch.manual_seed(0)
-        cfg = dataclasses.replace(base, perceptual_weight=weight, feature_net=net_folder if weight else None)
-        tok = DDTTokenizer(cfg)
-        if weight:
-            tok.load_feature_net(net_folder)
-        hook = tok.decoder.register_forward_hook(lambda m, args, out: seen.update(args=args, out=out))
-        outs[weight] = tok(x, generator=torch.Generator().manual_seed(1))
-        hook.remove()
-    plain, with_term = outs[0.0], outs[0.3]
+    seen = {}
+
+    def watch(tok):
+        tok.decoder.register_forward_hook(lambda m, args, out: seen.update(args=args, out=out))
+
+    plain, with_term, tok = _with_and_without(base, "perceptual_weight", 0.3, net_folder, x, watch)
     assert plain.perceptual == 0 and torch.equal(plain.diffusion, with_term.diffusion)
     x_t, t = seen["args"][:2]
     x0_hat = seen["out"] if prediction == "x0" else x_t - t.view(-1, 1, 1, 1) * seen["out"]
@@ -178,20 +188,15 @@ def test_the_distillation_term_reads_the_codes_and_leaves_the_decoder_alone(net_
     # of the clean image, pooled to the patch grid. Its gradient reaches the encoder (through the straight-through
     # quantizer) and the head, never the decoder.
     x = uint8_to_tensor(World(seed=1, resolution=RES).render_range(0, 4, progress=False)[0])
-    seen, outs = {}, {}
-    for weight in (0.0, 0.5):
-        torch.manual_seed(0)
-        cfg = dataclasses.replace(MICRO, distill_weight=weight, feature_net=net_folder if weight else None)
-        tok = DDTTokenizer(cfg)
-        if weight:
-            tok.load_feature_net(net_folder)
-            hook = tok.feature_head.register_forward_hook(lambda m, args, out: seen.update(codes=args[0], out=out))
-            before = copy.deepcopy(tok.quantizer)  # the forward's EMA moves the codebook
-        outs[weight] = tok(x, generator=torch.Generator().manual_seed(1))
-    hook.remove()
-    plain, with_term = outs[0.0], outs[0.5]
+    seen = {}
+
+    def watch(tok):
+        tok.feature_head.register_forward_hook(lambda m, args, out: seen.update(codes=args[0], out=out))
+        seen["quantizer"] = copy.deepcopy(tok.quantizer)  # the forward's EMA moves the codebook
+
+    plain, with_term, tok = _with_and_without(MICRO, "distill_weight", 0.5, net_folder, x, watch)
     assert plain.distill == 0 and torch.equal(plain.diffusion, with_term.diffusion)
-    codes = before.lookup(with_term.indices)  # the head reads the quantized tokens, all T of them
+    codes = seen["quantizer"].lookup(with_term.indices)  # the head reads the quantized tokens, all T of them
     torch.testing.assert_close(seen["codes"], codes)
     grid = RES // MICRO.patch_size
     feats = FeatureNet.from_pretrained(net_folder).features(x)[-1]  # (4, 64, 4, 4) at 16 px: pooled to 4 x 4
