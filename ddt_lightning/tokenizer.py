@@ -235,6 +235,7 @@ class DDTTokenizer(nn.Module):
             entropy_weight=cfg.entropy_weight,
             entropy_temperature=cfg.entropy_temperature,
         )
+
         def head() -> FeatureHead:
             return FeatureHead(
                 cfg.num_tokens,

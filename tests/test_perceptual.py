@@ -277,7 +277,9 @@ def test_with_decoder_feature_map_the_decoder_reads_the_distillation_head(net_fo
         tok.decoder.final.linear.weight.normal_(0, 0.05)  # zero-initialised: no gradient would pass it at step 0
     assert tok.feature_head is None and tok.distill_head is head
     names = list(tok.state_dict())
-    assert any(n.startswith("decoder.feature_head.") for n in names) and not any(n.startswith("feature_head.") for n in names)
+    assert any(n.startswith("decoder.feature_head.") for n in names) and not any(
+        n.startswith("feature_head.") for n in names
+    )
     calls = []
     head.register_forward_hook(lambda m, args, out: calls.append((args, out)))
     seen = {}
@@ -306,6 +308,8 @@ def test_with_decoder_feature_map_the_decoder_reads_the_distillation_head(net_fo
     assert (moved - before).abs().max() > 1e-3 and torch.isfinite(moved).all()  # guidance's k = 0: the null key
     again = DDTTokenizer.from_pretrained(tok.save_pretrained(tmp_path / "export")).eval()
     assert again.config.decoder_feature_map
-    torch.testing.assert_close(again.decode(ids, steps=2, guidance=2.0, generator=torch.Generator().manual_seed(0)), moved)
+    torch.testing.assert_close(
+        again.decode(ids, steps=2, guidance=2.0, generator=torch.Generator().manual_seed(0)), moved
+    )
     with pytest.raises(ValueError, match=r"decoder_feature_map: .* needs distill_weight > 0"):
         TokenizerConfig(decoder_feature_map=True)
