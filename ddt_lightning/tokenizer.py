@@ -321,16 +321,23 @@ class DDTTokenizer(nn.Module):
 
     # ---------------------------------------------------------------------------------------------- training
     def forward(
-        self, images: torch.Tensor, generator: torch.Generator | None = None, aux_scale: float = 1.0
+        self,
+        images: torch.Tensor,
+        generator: torch.Generator | None = None,
+        aux_scale: float = 1.0,
+        codes_frozen: bool = False,
     ) -> TokenizerLosses:
         """images: (B, C, H, W) in [-1, 1] -> losses. Noise, times and dropouts come from `generator`;
         `aux_scale` multiplies `config.edge_weight` and `config.perceptual_weight` for this step (the training
-        module's schedule; a term whose weight is 0 is not computed)."""
+        module's schedule; a term whose weight is 0 is not computed). `codes_frozen`: the encoder and codebook are
+        not trained this step (the module's decoder-only phase): they run without autograd, and the distillation
+        term, which only trains the codes and their head, is skipped."""
         cfg = self.config
         edge_weight, perceptual_weight = cfg.edge_weight * aux_scale, cfg.perceptual_weight * aux_scale
         x0 = self.to_latent(images)
         b, device = x0.shape[0], x0.device
-        q = self.quantizer(self.encoder(x0))  # quantized (B, T, m), indices (B, T)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not codes_frozen):
+            q = self.quantizer(self.encoder(x0))  # quantized (B, T, m), indices (B, T)
 
         t = sample_time(b, cfg.time_shift, device, generator)  # (B,)
         if cfg.p_pure_noise > 0:  # drawn only when on: runs without it keep their random streams
@@ -371,7 +378,7 @@ class DDTTokenizer(nn.Module):
             perceptual = self.perceptual.to(x0.device)(x0_hat, x0).mean()
             loss = loss + perceptual_weight * perceptual
         distill = diffusion.new_zeros(())
-        if cfg.distill_weight > 0:
+        if cfg.distill_weight > 0 and not codes_frozen:
             # The codes themselves must let a second reader rebuild what the frozen network sees (shape); unlike
             # the perceptual term this leaves the decoder's regression target alone.
             if self.perceptual is None:

@@ -313,3 +313,22 @@ def test_with_decoder_feature_map_the_decoder_reads_the_distillation_head(net_fo
     )
     with pytest.raises(ValueError, match=r"decoder_feature_map: .* needs distill_weight > 0"):
         TokenizerConfig(decoder_feature_map=True)
+
+
+def test_with_frozen_codes_the_distillation_term_is_skipped_and_only_the_decoder_learns(net_folder):
+    # The decoder-only phase's forward: the codes are those of the normal forward, but nothing reaches the encoder
+    # or the head, and the term that only trains them is not computed.
+    x = uint8_to_tensor(World(seed=1, resolution=RES).render_range(0, 4, progress=False)[0])
+    torch.manual_seed(0)
+    tok = DDTTokenizer(dataclasses.replace(MICRO, distill_weight=0.5, feature_net=net_folder))
+    tok.load_feature_net(net_folder)
+    tok.encoder.eval()
+    tok.quantizer.eval()
+    normal = tok(x, generator=torch.Generator().manual_seed(1))
+    frozen = tok(x, generator=torch.Generator().manual_seed(1), codes_frozen=True)
+    assert normal.distill > 0 and frozen.distill == 0
+    assert torch.equal(frozen.indices, normal.indices) and torch.equal(frozen.diffusion, normal.diffusion)
+    torch.testing.assert_close(frozen.loss, normal.loss - 0.5 * normal.distill)
+    frozen.loss.backward()
+    assert all(p.grad is None for p in [*tok.encoder.parameters(), *tok.feature_head.parameters()])
+    assert tok.decoder.final.linear.weight.grad.abs().sum() > 0

@@ -117,7 +117,9 @@ class TokenizerModule(L.LightningModule):
         if b == 0:  # every file of the batch was unreadable (counted above): nothing to learn from
             return None
         aux_scale = self.aux_scale()
-        out = self.tokenizer(images, generator=self._step_generator(), aux_scale=aux_scale)
+        out = self.tokenizer(
+            images, generator=self._step_generator(), aux_scale=aux_scale, codes_frozen=self.codes_frozen
+        )
         self.log("train/loss", out.loss, prog_bar=True, batch_size=b)
         self.log("train/diffusion", out.diffusion, batch_size=b)
         self.log("train/commitment", out.commitment, batch_size=b)
@@ -129,7 +131,7 @@ class TokenizerModule(L.LightningModule):
             self.log("train/entropy", out.entropy, batch_size=b)
         if self.tokenizer.config.perceptual_weight > 0:
             self.log("train/perceptual", out.perceptual, batch_size=b)
-        if self.tokenizer.config.distill_weight > 0:
+        if self.tokenizer.config.distill_weight > 0 and not self.codes_frozen:
             self.log("train/distill", out.distill, batch_size=b)
         return out.loss
 
