@@ -82,9 +82,6 @@ class TokenizerConfig:
     #   feature map (`distill_dim` is its width), so the codes must carry what the net sees; 1 - cosine. 0: off.
     distill_weight: float = 0.0
     distill_dim: int = 64
-    # The decoder also reads the distillation head's map of the visible tokens, added per patch to its image stream
-    # (models/decoder.py): the head is then part of the decoder, used at inference. Needs distill_weight > 0.
-    decoder_feature_map: bool = False
     vae_path: str | None = None  # a local diffusers AutoencoderKL folder: work in its latent space
     vae_downsample: int = 8
 
@@ -123,11 +120,6 @@ class TokenizerConfig:
                 )
             if weight > 0 and self.vae_path:
                 raise ValueError(f"TokenizerConfig.{key}: the feature network works in pixel space, not with vae_path")
-        if self.decoder_feature_map and self.distill_weight <= 0:
-            raise ValueError(
-                "TokenizerConfig.decoder_feature_map: the decoder reads the distillation head, which needs "
-                f"distill_weight > 0 (got {self.distill_weight})"
-            )
         TokenMap(self.num_tokens, self.stage_tokens)  # validates stage_tokens against num_tokens
 
     @property
@@ -235,37 +227,22 @@ class DDTTokenizer(nn.Module):
             entropy_weight=cfg.entropy_weight,
             entropy_temperature=cfg.entropy_temperature,
         )
-
-        def head() -> FeatureHead:
-            return FeatureHead(
+        self.decoder = DDTDecoder(
+            dim=cfg.decoder_dim, depth=cfg.decoder_depth, heads=cfg.decoder_heads, token_adaln=cfg.token_adaln, **common
+        )
+        self.feature_head = None
+        if cfg.distill_weight > 0:  # trained with the tokenizer (and resumed with it), never used at inference
+            self.feature_head = FeatureHead(
                 cfg.num_tokens,
                 cfg.code_dim,
                 grid=size // cfg.patch_size,
                 out_dim=cfg.distill_dim,
                 dim=cfg.encoder_dim,
                 heads=cfg.encoder_heads,
-                maskable=cfg.decoder_feature_map,
             )
-
-        self.decoder = DDTDecoder(
-            dim=cfg.decoder_dim,
-            depth=cfg.decoder_depth,
-            heads=cfg.decoder_heads,
-            token_adaln=cfg.token_adaln,
-            feature_head=head() if cfg.decoder_feature_map else None,
-            **common,
-        )
-        # One owner in the state dict: the decoder when it reads the head, else the tokenizer (trained with it and
-        # resumed with it, unused at inference). `distill_head` finds it either way.
-        self.feature_head = head() if cfg.distill_weight > 0 and not cfg.decoder_feature_map else None
         self.token_map = TokenMap(cfg.num_tokens, cfg.stage_tokens)
         self.vae = None  # frozen, loaded by `load_vae`; never part of the trained state
         self.perceptual = None  # frozen PerceptualDistance, loaded by `load_feature_net`; likewise
-
-    @property
-    def distill_head(self) -> FeatureHead | None:
-        """The feature head the distillation term trains (None when it is off), wherever it lives."""
-        return self.decoder.feature_head if self.config.decoder_feature_map else self.feature_head
 
     def load_feature_net(self, path: str | Path) -> None:
         """Load the frozen feature network of the perceptual and distillation terms from a local folder (training
@@ -384,8 +361,8 @@ class DDTTokenizer(nn.Module):
             if self.perceptual is None:
                 raise RuntimeError(f"distill_weight > 0: call load_feature_net({cfg.feature_net!r}) first")
             with torch.no_grad():
-                target = teacher_targets(self.perceptual.to(x0.device).net.features(x0)[-1], self.distill_head.grid)
-            distill = distill_loss(self.distill_head(q.quantized), target)
+                target = teacher_targets(self.perceptual.to(x0.device).net.features(x0)[-1], self.feature_head.grid)
+            distill = distill_loss(self.feature_head(q.quantized), target)
             loss = loss + cfg.distill_weight * distill
         return TokenizerLosses(loss, diffusion, q.commit_loss, q.indices, edge, q.entropy_loss, perceptual, distill)
 

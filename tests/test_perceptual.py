@@ -264,57 +264,6 @@ def test_an_export_written_before_the_feature_net_key_was_renamed_still_loads(tm
         DDTTokenizer.from_pretrained(folder)
 
 
-def test_with_decoder_feature_map_the_decoder_reads_the_distillation_head(net_folder, tmp_path):
-    # One head, owned by the decoder: the distillation term trains it on all T codes, and the decoder reads its map
-    # of the visible prefix (masked tokens out of its attention) through a zero-initialised projection.
-    x = uint8_to_tensor(World(seed=1, resolution=RES).render_range(0, 4, progress=False)[0])
-    cfg = dataclasses.replace(MICRO, distill_weight=0.5, feature_net=net_folder, decoder_feature_map=True)
-    torch.manual_seed(0)
-    tok = DDTTokenizer(cfg)
-    tok.load_feature_net(net_folder)
-    head = tok.decoder.feature_head
-    with torch.no_grad():
-        tok.decoder.final.linear.weight.normal_(0, 0.05)  # zero-initialised: no gradient would pass it at step 0
-    assert tok.feature_head is None and tok.distill_head is head
-    names = list(tok.state_dict())
-    assert any(n.startswith("decoder.feature_head.") for n in names) and not any(
-        n.startswith("feature_head.") for n in names
-    )
-    calls = []
-    head.register_forward_hook(lambda m, args, out: calls.append((args, out)))
-    seen = {}
-    tok.decoder.register_forward_hook(lambda m, args, out: seen.update(visible=args[3]))
-    out = tok(x, generator=torch.Generator().manual_seed(1))
-    (dec_args, _), (distill_args, distill_out) = calls  # the decoder's read, then the term's
-    keep = dec_args[1]
-    assert torch.equal(keep.sum(1), seen["visible"]) and len(distill_args) == 1  # the term reads all T codes
-    feats = FeatureNet.from_pretrained(net_folder).features(x)[-1]
-    target = torch.nn.functional.adaptive_avg_pool2d(feats, RES // MICRO.patch_size).flatten(2).transpose(1, 2)
-    expected = 1 - torch.nn.functional.cosine_similarity(distill_out, target, dim=-1).mean()
-    torch.testing.assert_close(out.distill, expected)
-    # At initialisation the projection is zero: the head cannot move the decoder's output yet, but it learns to.
-    out.loss.backward()
-    assert head.out.weight.grad.abs().sum() > 0 and tok.decoder.feature_in.weight.grad.abs().sum() > 0
-    tok.eval()
-    ids = tok.encode(x)
-    before = tok.decode(ids, steps=2, guidance=2.0, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        head.out.weight.add_(1.0)
-    after = tok.decode(ids, steps=2, guidance=2.0, generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(after, before)
-    with torch.no_grad():
-        tok.decoder.feature_in.weight.normal_(0, 0.1)
-    moved = tok.decode(ids, steps=2, guidance=2.0, generator=torch.Generator().manual_seed(0))
-    assert (moved - before).abs().max() > 1e-3 and torch.isfinite(moved).all()  # guidance's k = 0: the null key
-    again = DDTTokenizer.from_pretrained(tok.save_pretrained(tmp_path / "export")).eval()
-    assert again.config.decoder_feature_map
-    torch.testing.assert_close(
-        again.decode(ids, steps=2, guidance=2.0, generator=torch.Generator().manual_seed(0)), moved
-    )
-    with pytest.raises(ValueError, match=r"decoder_feature_map: .* needs distill_weight > 0"):
-        TokenizerConfig(decoder_feature_map=True)
-
-
 def test_with_frozen_codes_the_distillation_term_is_skipped_and_only_the_decoder_learns(net_folder):
     # The decoder-only phase's forward: the codes are those of the normal forward, but nothing reaches the encoder
     # or the head, and the term that only trains them is not computed.

@@ -10,11 +10,6 @@ text embedding to the timestep embedding: an MLP of the T zeroed-and-flattened c
 weights, a masked token contributes exactly nothing) is added to the time embedding. A global path that a decoder
 learns to use within a few steps, unlike joint attention, which a decoder that denoises well enough from `x_t`
 alone can leave unused (design.md section 6: the take-off).
-
-With a `feature_head` (models/distill.py; `TokenizerConfig.decoder_feature_map`) the decoder also reads the visible
-tokens through that head: its map on the patch grid goes through a zero-initialised projection into the image
-stream, patch by patch, before the first block - a spatial path from the codes to each patch. Masked tokens are out
-of the head's attention too, so a prefix still decodes from that prefix alone.
 """
 
 from __future__ import annotations
@@ -40,7 +35,6 @@ class DDTDecoder(nn.Module):
         mlp_ratio: float = 4.0,
         qk_norm: bool = True,
         token_adaln: bool = False,
-        feature_head: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.in_channels, self.patch_size, self.num_tokens = in_channels, patch_size, num_tokens
@@ -52,14 +46,6 @@ class DDTDecoder(nn.Module):
         self.token_cond = None
         if token_adaln:
             self.token_cond = nn.Sequential(nn.Linear(num_tokens * token_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
-        self.feature_head = self.feature_in = None
-        if feature_head is not None:
-            if feature_head.grid != image_size // patch_size:
-                raise ValueError(f"feature head grid {feature_head.grid} != patch grid {image_size // patch_size}")
-            self.feature_head = feature_head
-            self.feature_in = nn.Linear(feature_head.out_dim, dim)
-            nn.init.zeros_(self.feature_in.weight)  # at step 0 the decoder is the one without the head
-            nn.init.zeros_(self.feature_in.bias)
         # The last block only updates the image stream: the context's output is never read.
         self.blocks = nn.ModuleList(
             JointBlock(dim, heads, mlp_ratio, qk_norm, update_c=i < depth - 1) for i in range(depth)
@@ -71,8 +57,6 @@ class DDTDecoder(nn.Module):
         keep = torch.arange(self.num_tokens, device=codes.device)[None] < visible[:, None]  # (B, T)
         x = self.patch(x_t)  # (B, N, D)
         kept = codes * keep[..., None]  # (B, T, m), masked tokens zeroed
-        if self.feature_head is not None:
-            x = x + self.feature_in(self.feature_head(codes, keep))  # the head's grid is the patch grid, row-major
         c = self.token_embed(kept) + self.token_pos  # (B, T, D)
         cond = self.time_embed(self.time_proj(t * 1000).to(x.dtype))[:, None]  # (B, 1, D)
         if self.token_cond is not None:

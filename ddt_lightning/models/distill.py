@@ -7,15 +7,9 @@ from its codes, ImageFolder and VA-VAE align their tokenizers with DINO - so tha
 teacher sees. Here the teacher is the project's `FeatureNet` (models/perceptual.py; no DINO weights exist
 offline) and the reader is `FeatureHead`: one learned query per cell of the teacher's grid cross-attends to the
 T quantized tokens (all of them: the head reads the whole sequence, the decoder its prefixes), twice, and each
-query's output is compared with the teacher's feature vector at its cell by cosine similarity. Its gradient reaches
-the encoder through the quantizer's straight-through estimator.
-
-By default the head is trained with the tokenizer and unused at inference, and never touches the decoder. With
-`TokenizerConfig.decoder_feature_map` the decoder also reads it: the head's map of the *visible* tokens is added,
-cell by cell, to the decoder's image stream (the grid is the decoder's patch grid), so the decoder gets, at every
-patch, what the codes say lies there - rather than having to find it by joint attention over 32 entangled tokens.
-The head then takes a key mask: masked tokens are out of its attention, and a learned null key that is always
-visible keeps the attention defined when no token is (k = 0, the unconditional model of guidance).
+query's output is compared with the teacher's feature vector at its cell by cosine similarity. The head is
+trained with the tokenizer and unused at inference; its gradient reaches the encoder through the quantizer's
+straight-through estimator, and it never touches the decoder, so the diffusion loss is left as it was.
 
 Written by hand: no kept library has a cross-attention readout of a token set (diffusers' attention blocks are
 built around a spatial residual stream).
@@ -39,9 +33,9 @@ class _ReadBlock(nn.Module):
         hidden = int(dim * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
 
-    def forward(self, q: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
         kv = self.norm_kv(kv)
-        q = q + self.attn(self.norm_q(q), kv, kv, key_padding_mask=mask, need_weights=False)[0]
+        q = q + self.attn(self.norm_q(q), kv, kv, need_weights=False)[0]
         return q + self.mlp(self.norm_mlp(q))
 
 
@@ -49,39 +43,22 @@ class FeatureHead(nn.Module):
     """(B, T, m) token vectors -> (B, grid * grid, out_dim) predicted teacher features, row-major over the grid."""
 
     def __init__(
-        self,
-        num_tokens: int,
-        token_dim: int,
-        grid: int,
-        out_dim: int,
-        dim: int,
-        heads: int,
-        depth: int = 2,
-        maskable: bool = False,
+        self, num_tokens: int, token_dim: int, grid: int, out_dim: int, dim: int, heads: int, depth: int = 2
     ) -> None:
         super().__init__()
-        self.grid, self.out_dim = grid, out_dim
+        self.grid = grid
         self.token_in = nn.Linear(token_dim, dim)
         self.token_pos = nn.Parameter(torch.randn(1, num_tokens, dim) * 0.02)
         self.queries = nn.Parameter(torch.randn(1, grid * grid, dim) * 0.02)
         self.blocks = nn.ModuleList(_ReadBlock(dim, heads, 4.0) for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
         self.out = nn.Linear(dim, out_dim)
-        self.null = nn.Parameter(torch.randn(1, 1, dim) * 0.02) if maskable else None
 
-    def forward(self, codes: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
-        """codes: (B, T, m); keep: (B, T) bool, the tokens the head may read (None: all; needs `maskable`)."""
+    def forward(self, codes: torch.Tensor) -> torch.Tensor:
         kv = self.token_in(codes) + self.token_pos
-        mask = None
-        if self.null is not None:
-            kv = torch.cat([self.null.expand(codes.shape[0], -1, -1), kv], dim=1)
-            if keep is not None:  # key_padding_mask: True = not attended; the null key is always attended
-                mask = torch.cat([keep.new_ones(keep.shape[0], 1), keep], dim=1).logical_not()
-        elif keep is not None:
-            raise ValueError("FeatureHead: a key mask needs maskable=True (its null key)")
         q = self.queries.expand(codes.shape[0], -1, -1)
         for block in self.blocks:
-            q = block(q, kv, mask)
+            q = block(q, kv)
         return self.out(self.norm(q))
 
 
