@@ -116,14 +116,14 @@ class DeadCodeRestart(L.Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         self.step += 1
+        quantizers = [m for m in pl_module.modules() if isinstance(m, VectorQuantizer)]
         if getattr(pl_module, "codes_frozen", False):
             # The codebook is frozen (TokenizerModule's decoder-only phase): no hits are counted, so every code
             # would look dead. Nothing to restart, and the window starts afresh should the codes thaw.
-            for vq in (m for m in pl_module.modules() if isinstance(m, VectorQuantizer)):
+            for vq in quantizers:
                 vq.window_hits.zero_()
             self.last_restarted = 0
         elif self.is_check_step(self.step):
-            quantizers = [m for m in pl_module.modules() if isinstance(m, VectorQuantizer)]
             self.last_restarted = sum(self.restart(vq) for vq in quantizers)
             self.total_restarted += self.last_restarted
         # Logged every step (held between checks) so that the logger's log_every_n_steps cannot drop a check.
