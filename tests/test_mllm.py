@@ -510,3 +510,59 @@ def test_generation_samples_say_when_the_validation_data_has_no_captions():
         samples.on_validation_batch_end(trainer, None, None, batch, 0)
     samples.on_validation_epoch_end(trainer, None)  # nothing held out: nothing sampled, nothing logged
     assert samples.last_samples is None
+
+
+def test_image_loss_weight_scales_the_visual_labels_of_the_objective(ddt_dir, captions):
+    batch = world_batch(6)
+    tasks = ["t2i", "i2t", "edit", "i2t", "t2i", "edit"]
+    losses = {}
+    for weight in (1.0, 0.25):
+        torch.manual_seed(0)
+        module = make_module(
+            ddt_dir, captions, tasks={"t2i": 1, "i2t": 1, "edit": 1}, image_loss_weight=weight, p_null=0.0
+        )
+        module._step_generator = lambda: torch.Generator().manual_seed(0)
+        module.mix.draw = lambda n, generator=None: tasks
+        logged = {}
+        module.log = lambda key, value, **k: logged.__setitem__(key, value)
+        losses[weight] = module.training_step(batch, 0).detach()
+        # The same objective computed here from the per-token NLL, with the weights built from the labels alone.
+        generator = torch.Generator().manual_seed(0)
+        seq = module.sequences(batch, tasks, null_prompts(tasks, 0.0, generator), generator)
+        nll, mask = module.token_nll(seq)
+        targets = torch.nn.functional.pad(seq.labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+        visual = (targets >= module.vocab.visual_offset) & (targets < module.vocab.visual_end)
+        w = mask.float() * torch.where(visual, weight, 1.0)
+        torch.testing.assert_close(losses[weight], (nll * w).sum() / w.sum(), rtol=1e-5, atol=1e-6)
+        # The logged per-part NLLs stay unweighted: the image part is the plain mean over visual labels.
+        torch.testing.assert_close(logged["train/loss_image"], nll[visual].mean(), rtol=1e-5, atol=1e-6)
+        assert 0 < visual.sum() < mask.sum()  # both kinds of labels are in the batch
+    # Same weights and data, only the visual labels' weight changed: the objectives differ.
+    assert not torch.isclose(losses[1.0], losses[0.25])
+    with pytest.raises(ValueError, match="image_loss_weight"):
+        MLLMModule(lm=MICRO_LM, tokenizer_path=str(ddt_dir), image_loss_weight=0.0)
+
+
+def test_codebook_init_gives_visual_rows_the_codebook_geometry_and_leaves_text_rows(ddt_dir, captions):
+    modules = {}
+    for init in ("random", "codebook"):
+        torch.manual_seed(0)
+        modules[init] = make_module(ddt_dir, captions, visual_embedding_init=init)
+    codebook = modules["codebook"].frozen_ddt().quantizer.lookup(torch.arange(modules["codebook"].num_codes))
+    gram = codebook @ codebook.T  # (K, K)
+    visual = slice(modules["codebook"].vocab.visual_offset, modules["codebook"].vocab.visual_end)
+    for name in ("get_input_embeddings", "get_output_embeddings"):
+        random_w = getattr(modules["random"].lm, name)().weight
+        init_w = getattr(modules["codebook"].lm, name)().weight
+        rows = init_w[visual]
+        scale = rows.norm(dim=1).mean() / codebook.norm(dim=1).mean()
+        # Inner products of the codes are kept up to one scale (an isometry times a constant) ...
+        torch.testing.assert_close(rows @ rows.T, gram * scale**2, rtol=1e-4, atol=1e-5)
+        # ... at the size of the LM's own init, and the text rows are the LM's own init, untouched.
+        torch.testing.assert_close(rows.norm(dim=1).mean(), random_w[visual].norm(dim=1).mean())
+        assert not torch.allclose(rows, random_w[visual])
+        torch.testing.assert_close(init_w[: visual.start], random_w[: visual.start], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="tokenizer_path"):
+        MLLMModule(lm=MICRO_LM, tokens="pretokenized", num_codes=64, num_tokens=8, visual_embedding_init="codebook")
+    with pytest.raises(ValueError, match="visual_embedding_init"):
+        MLLMModule(lm=MICRO_LM, tokenizer_path=str(ddt_dir), visual_embedding_init="kmeans")

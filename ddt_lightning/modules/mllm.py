@@ -14,7 +14,8 @@ Batch fields read: `image` (B, 3, H, W) in [-1, 1] (on the fly) or `codes` (B, T
 (pretokenized); `caption: list[str]` (t2i, i2t); `label` (B,) with `class_names` (class); `edit_instruction:
 list[str]` and `edit_target` (B, 3, H, W) or `edit_target_codes` (B, T) (edit).
 
-Metrics: `train/loss` (mean over label tokens, as Hugging Face's loss), `train/loss_<task>`, `train/loss_image`;
+Metrics: `train/loss` (the objective: mean over label tokens as Hugging Face's loss, visual labels weighted by
+`image_loss_weight`), `train/loss_<task>`, `train/loss_image`;
 validation runs every active task on every sample (no null dropout) and logs `val/loss`, `val/loss_<task>`,
 `val/loss_image` (per visual token, `<eoi>` excluded) and `val/perplexity_text` = exp of the mean NLL of the i2t
 text span (caption tokens and `<eos>`).
@@ -123,6 +124,8 @@ class MLLMModule(L.LightningModule):
         betas: tuple[float, float] = (0.9, 0.95),
         grad_clip_norm: float | None = 1.0,
         length_groups: int = 2,
+        image_loss_weight: float = 1.0,
+        visual_embedding_init: Literal["random", "codebook"] = "random",
         seed: int = 0,
     ) -> None:
         """
@@ -146,6 +149,14 @@ class MLLMModule(L.LightningModule):
             class_names: label -> name for the class task (else the DataModule's `class_names`).
             length_groups: a training batch goes through the LM in at most this many groups of rows of similar
                 length (`SequenceBatch.length_groups`; 1: one padded pass). Same loss, fewer padded tokens.
+            image_loss_weight: weight of the visual-token labels in the training objective, the text labels (and
+                `<eoi>`) weighing 1 (Emu3 weighs vision tokens 0.5): the objective is the weighted mean NLL. With
+                32 visual labels per image against a caption's ~20 text labels, a weight below 1 gives captioning
+                a larger share of the gradient without changing the task mix. Logged NLLs stay unweighted.
+            visual_embedding_init: `random` (the LM's own init) or `codebook`: the rows of the K visual ids, in the
+                input embedding and the output head, start as the DDT codebook's vectors through a fixed random
+                orthonormal map to the LM's width (norms matched to the LM's init), so codes that are close in the
+                tokenizer start close in the LM. Needs `tokenizer_path`; a checkpoint's weights override it.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -159,6 +170,12 @@ class MLLMModule(L.LightningModule):
             raise ValueError(f"length_groups must be >= 1, got {length_groups}")
         if max_text_tokens < 1:
             raise ValueError(f"max_text_tokens must be >= 1, got {max_text_tokens}")
+        if not image_loss_weight > 0:
+            raise ValueError(f"image_loss_weight must be > 0, got {image_loss_weight}")
+        if visual_embedding_init not in ("random", "codebook"):
+            raise ValueError(f"visual_embedding_init must be random or codebook, got {visual_embedding_init!r}")
+        if visual_embedding_init == "codebook" and tokenizer_path is None:
+            raise ValueError("visual_embedding_init = codebook needs model.init_args.tokenizer_path (the codebook)")
         self.lm_config = None if pretrained is not None else (lm or LMConfig())
         self.mix = TaskMix(tasks or {"t2i": 1.0})
         self.order = token_order or TokenOrder()
@@ -283,6 +300,24 @@ class MLLMModule(L.LightningModule):
                 return
             self.vocab = self._make_vocab()
         self.lm = build_causal_lm(self.vocab.vocab_size, self.vocab.ids, self.lm_config, self.hparams.pretrained)
+        if self.hparams.visual_embedding_init == "codebook":
+            self._init_visual_rows_from_codebook()
+
+    @torch.no_grad()
+    def _init_visual_rows_from_codebook(self) -> None:
+        """Visual rows of the input embedding and the output head := codebook (K, m) @ Q (m, H), Q with orthonormal
+        rows (inner products of codes are kept), rescaled to the mean row norm of the LM's own init of those rows."""
+        codebook = self.frozen_ddt().quantizer.lookup(torch.arange(self.num_codes, device=self.device)).float()
+        generator = torch.Generator().manual_seed(self.hparams.seed)
+        for layer in (self.lm.get_input_embeddings(), self.lm.get_output_embeddings()):
+            rows = layer.weight[self.vocab.visual_offset : self.vocab.visual_end]  # (K, H) view
+            width = rows.shape[1]
+            if codebook.shape[1] > width:
+                raise ValueError(f"codebook dim {codebook.shape[1]} exceeds the LM's width {width}")
+            q, _ = torch.linalg.qr(torch.randn(width, codebook.shape[1], generator=generator))  # (H, m) orthonormal
+            mapped = codebook @ q.T.to(codebook.device)  # (K, H)
+            scale = rows.norm(dim=1).mean() / mapped.norm(dim=1).mean().clamp(min=1e-12)
+            rows.copy_((mapped * scale).to(rows.dtype))
 
     # ------------------------------------------------------------------------------------------- sequences
     def _codes(self, batch: dict, with_targets: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -354,6 +389,15 @@ class MLLMModule(L.LightningModule):
             parts[f"loss_{task}"] = mask & (seq.task == TASKS.index(task))[:, None]  # (B, L)
         return {key: torch.stack([(nll * m).sum(), m.sum()]) for key, m in parts.items()}
 
+    def _label_weights(self, seq: SequenceBatch, mask: torch.Tensor) -> torch.Tensor:
+        """(B, L) weight of each label in the objective: `image_loss_weight` on visual ids, 1 on other labels."""
+        weight = mask.float()
+        if self.hparams.image_loss_weight != 1.0:
+            targets = F.pad(seq.labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # (B, L)
+            image = (targets >= self.vocab.visual_offset) & (targets < self.vocab.visual_end)
+            weight = weight * torch.where(image, self.hparams.image_loss_weight, 1.0)
+        return weight
+
     # --------------------------------------------------------------------------------------------- training
     def _step_generator(self) -> torch.Generator:
         # Tasks, null prompts and random token orders are a function of (seed, step, rank) alone (CPU generator:
@@ -372,12 +416,15 @@ class MLLMModule(L.LightningModule):
         null = null_prompts(tasks, self.hparams.p_null, generator)
         seq = self.sequences(batch, tasks, null, generator)
         parts: dict[str, torch.Tensor] = {}
+        objective = torch.zeros(2, device=self.device)  # weighted NLL sum, weight sum
         # One LM pass per group of similar lengths: the same summed loss as one padded pass, on fewer tokens.
         for group in seq.length_groups(self.hparams.length_groups):
             nll, mask = self.token_nll(group)
             for key, value in self._breakdown(group, nll, mask).items():
                 parts[key] = parts[key] + value if key in parts else value
-        loss = parts["loss"][0] / parts["loss"][1].clamp(min=1)
+            weight = self._label_weights(group, mask)
+            objective = objective + torch.stack([(nll * weight).sum(), weight.sum()])
+        loss = objective[0] / objective[1].clamp(min=1e-12)
         self.log("train/loss", loss, prog_bar=True, batch_size=b)
         rows = {key: tasks.count(key.removeprefix("loss_")) for key in parts}  # known on the host: no sync
         rows["loss_image"] = b - tasks.count("i2t")  # every other format has an image span in its labels
