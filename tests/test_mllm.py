@@ -524,7 +524,7 @@ def test_image_loss_weight_scales_the_visual_labels_of_the_objective(ddt_dir, ca
         module._step_generator = lambda: torch.Generator().manual_seed(0)
         module.mix.draw = lambda n, generator=None: tasks
         logged = {}
-        module.log = lambda key, value, **k: logged.__setitem__(key, value)
+        module.log = lambda key, value, logged=logged, **k: logged.__setitem__(key, value)
         losses[weight] = module.training_step(batch, 0).detach()
         # The same objective computed here from the per-token NLL, with the weights built from the labels alone.
         generator = torch.Generator().manual_seed(0)
