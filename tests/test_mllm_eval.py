@@ -364,3 +364,31 @@ def test_the_model_and_the_evaluation_do_not_import_lightning():
     code = "import sys, ddt_lightning.mllm.model, ddt_lightning.mllm.evaluate; print('lightning' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_every_entry_point_decodes_with_the_main_jobs_decoder_guidance(monkeypatch):
+    # `ddt evaluate` once defaulted to guidance 1 while the pipeline decoded at 2: the same export scored 0.497 vs
+    # 0.566 GenEval-style. The default of every path must be the sampler's of configs/main.yaml.
+    import inspect
+
+    import yaml
+
+    from ddt_lightning.pipeline import run_pipeline
+
+    main = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "main.yaml").read_text())
+    expected = main["model"]["init_args"]["guidance"]
+    defaults = {
+        "evaluate_world": inspect.signature(evaluate_world).parameters["decode_guidance"].default,
+        "run_pipeline": inspect.signature(run_pipeline).parameters["decode_guidance"].default,
+        "DDTLlama.text_to_image": inspect.signature(DDTLlama.text_to_image).parameters["decode_guidance"].default,
+        "DDTLlama.edit": inspect.signature(DDTLlama.edit).parameters["decode_guidance"].default,
+        "DDTLlama.reconstruct": inspect.signature(DDTLlama.reconstruct).parameters["guidance"].default,
+    }
+    seen = {}
+    import ddt_lightning.mllm.commands as commands
+
+    monkeypatch.setattr(commands, "_load_model", lambda parser, args: seen.update(args) or sys.exit(0))
+    with pytest.raises(SystemExit):
+        main_evaluate(["--model", "x"])
+    defaults["ddt evaluate"] = seen["decode_guidance"]
+    assert defaults == dict.fromkeys(defaults, expected)

@@ -33,7 +33,7 @@ from tqdm import tqdm
 from ddt_lightning.data.images import BadImageError, ImageTransform, load_rgb
 from ddt_lightning.images import make_grid, save_png
 from ddt_lightning.mllm.evaluate import evaluate_world, to_numpy_images
-from ddt_lightning.mllm.model import DDTLlama
+from ddt_lightning.mllm.model import DEFAULT_DECODE_GUIDANCE, DDTLlama
 
 EXPERIMENT = "ddt-llm"
 
@@ -63,7 +63,12 @@ def _sampling_arguments(parser: ArgumentParser, guidance: float = 3.0) -> None:
     parser.add_argument("--top_k", type=int | None, default=None, help="sample among the k likeliest codes")
     parser.add_argument("--top_p", type=float | None, default=None, help="nucleus sampling")
     parser.add_argument("--decode_steps", type=int | None, default=None, help="DDT decoder steps (default: export's)")
-    parser.add_argument("--decode_guidance", type=float, default=1.0, help="the DDT decoder's own guidance")
+    parser.add_argument(
+        "--decode_guidance",
+        type=float,
+        default=DEFAULT_DECODE_GUIDANCE,
+        help="the DDT decoder's own guidance (default: the main job's)",
+    )
 
 
 def _sampling(args: Namespace) -> dict[str, Any]:

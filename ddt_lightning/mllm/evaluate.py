@@ -47,6 +47,7 @@ from ddt_lightning.geneval import (
     score_image,
 )
 from ddt_lightning.images import make_grid, to_uint8
+from ddt_lightning.mllm.model import DEFAULT_DECODE_GUIDANCE
 
 
 def to_numpy_images(images: torch.Tensor) -> np.ndarray:
@@ -129,7 +130,7 @@ def evaluate_world(
     top_k: int | None = None,
     top_p: float | None = None,
     decode_steps: int | None = None,
-    decode_guidance: float = 1.0,
+    decode_guidance: float = DEFAULT_DECODE_GUIDANCE,
     max_new_tokens: int = 64,
     batch_size: int = 16,
     generator_seed: int = 0,

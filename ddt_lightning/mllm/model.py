@@ -45,6 +45,9 @@ DDT_TOKENIZER_FOLDER = "ddt_tokenizer"
 EXPORT_CONFIG = "ddt_llm.json"
 EXPORT_FORMAT = "ddt-llm/1"
 DEFAULT_DECODE_STEPS = 8  # TokenizerModule's `sampler_steps` default (configs/main.yaml), the decoder it was judged by
+# The DDT decoder's own guidance: its sampler's in configs/main.yaml and the main job's (configs/pipeline.yaml), so a
+# command or call left at its default scores an export as the pipeline did.
+DEFAULT_DECODE_GUIDANCE = 2.0
 DEFAULT_MAX_TEXT_TOKENS = 64  # MLLMModule's `max_text_tokens` default: captions and instructions are cut to this
 
 
@@ -242,7 +245,7 @@ class DDTLlama:
         self,
         codes: torch.Tensor,
         steps: int | None = None,
-        guidance: float = 1.0,
+        guidance: float = DEFAULT_DECODE_GUIDANCE,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """DDT codes (B, T) in DDT's order -> images (B, 3, R, R) in [-1, 1] (the DDT decoder's Euler sampler)."""
@@ -254,7 +257,7 @@ class DDTLlama:
         self,
         images: torch.Tensor,
         steps: int | None = None,
-        guidance: float = 1.0,
+        guidance: float = DEFAULT_DECODE_GUIDANCE,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """encode -> decode: the best an LM that emits the right codes can draw (evaluation ceilings)."""
@@ -295,7 +298,7 @@ class DDTLlama:
         top_k: int | None = None,
         top_p: float | None = None,
         decode_steps: int | None = None,
-        decode_guidance: float = 1.0,
+        decode_guidance: float = DEFAULT_DECODE_GUIDANCE,
         generator: torch.Generator | None = None,
         batch_size: int = 16,
         progress: bool = False,
@@ -380,7 +383,7 @@ class DDTLlama:
         top_k: int | None = None,
         top_p: float | None = None,
         decode_steps: int | None = None,
-        decode_guidance: float = 1.0,
+        decode_guidance: float = DEFAULT_DECODE_GUIDANCE,
         generator: torch.Generator | None = None,
         batch_size: int = 16,
         progress: bool = False,
