@@ -132,12 +132,18 @@ class WorldDataModule(LightningDataModule):
             seed=3 * self.seed + SPLIT_IDS[split], resolution=self.resolution, max_objects=self.hparams.max_objects
         )
 
+    @staticmethod
+    def content_digest() -> str:
+        """The digest of the code that draws the world (images, captions, edits): a part of every key under which
+        its samples are stored (this cache, and `ddt pretokenize`'s shards), so that a changed world is redrawn."""
+        return hashlib.sha256(Path(world_module.__file__).read_bytes()).hexdigest()
+
     def cache_path(self, split: Split) -> Path | None:
         if self.cache_dir is None:
             return None
         world = self.world(split)
         key = {
-            "world_source": hashlib.sha256(Path(world_module.__file__).read_bytes()).hexdigest(),
+            "world_source": self.content_digest(),
             "seed": world.seed,
             "resolution": world.resolution,
             "max_objects": world.max_objects,

@@ -48,9 +48,13 @@ def tokenizer_digest(directory: str | Path) -> str:
 
 
 def datamodule_key(data: Any) -> dict[str, Any]:
-    """The DataModule's class and hyperparameters (JSON-safe): which images, in which order."""
+    """The DataModule's class and hyperparameters (JSON-safe): which images, in which order; plus its
+    `content_digest()` when it has one (generated data: the code that draws the images and captions)."""
     hparams = {k: v for k, v in dict(getattr(data, "hparams", {})).items() if k not in ("batch_size", "num_workers")}
-    return {"class": f"{type(data).__module__}.{type(data).__qualname__}", "hparams": json.loads(json.dumps(hparams))}
+    key = {"class": f"{type(data).__module__}.{type(data).__qualname__}", "hparams": json.loads(json.dumps(hparams))}
+    if callable(getattr(data, "content_digest", None)):
+        key["content"] = str(data.content_digest())
+    return key
 
 
 def read_manifest(output: str | Path) -> dict[str, Any] | None:

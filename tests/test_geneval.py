@@ -7,7 +7,16 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from ddt_lightning.data.world import BACKGROUND, CAPTION_TEMPLATES, COLOURS, Scene, World, WorldObject, render
+from ddt_lightning.data.world import (
+    BACKGROUND,
+    CAPTION_TEMPLATES,
+    COLOURS,
+    Scene,
+    World,
+    WorldObject,
+    reading_order,
+    render,
+)
 from ddt_lightning.geneval import (
     CAPTION_ATTRIBUTES,
     CATEGORIES,
@@ -160,7 +169,7 @@ def test_caption_parser_round_trips_every_world_caption():
     for i in range(150):
         sample = world.sample(i)
         for scene, caption in ((sample.scene, sample.caption), (sample.edited_scene, sample.edited_scene.caption())):
-            assert parse_caption(caption) == [o.identity() for o in scene.objects]
+            assert parse_caption(caption) == [o.identity() for o in reading_order(scene.objects)]
             assert caption_accuracy(caption, scene)
         templates.add(next(t for t in CAPTION_TEMPLATES[::-1] if sample.caption.startswith(t.split("{")[0])))
     assert templates == set(CAPTION_TEMPLATES)

@@ -90,6 +90,16 @@ def test_same_key_is_reused_without_rewriting(shards, ddt_dir, capsys):
     assert (out / "train" / "shard-000000.tar").stat().st_mtime_ns == stamp
 
 
+def test_a_changed_world_replaces_the_shards(ddt_dir, tmp_path, monkeypatch, capsys):
+    # The same config but other code drawing the world (say, captions in another order): stale shards must go.
+    out = tmp_path / "tokens"
+    first = pt.pretokenize(world(edits=False), str(ddt_dir), str(out), splits=["val"], progress=False)
+    assert first["key"]["data"]["content"] == WorldDataModule.content_digest()
+    monkeypatch.setattr(WorldDataModule, "content_digest", staticmethod(lambda: "another world"))
+    second = pt.pretokenize(world(edits=False), str(ddt_dir), str(out), splits=["val"], progress=False)
+    assert "replacing" in capsys.readouterr().err and second["key"]["data"]["content"] == "another world"
+
+
 def test_interrupted_run_resumes_at_the_first_missing_shard(ddt_dir, shards, tmp_path, monkeypatch):
     reference, _ = shards
     out = tmp_path / "tokens"

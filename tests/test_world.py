@@ -98,6 +98,23 @@ def test_caption_names_every_object_and_the_image_shows_it():
         assert sample.caption.count(" in the ") == len(sample.scene.objects)
 
 
+def test_caption_lists_the_objects_in_reading_order_whatever_the_drawing_order():
+    # One caption per image (not one per permutation of the scene's objects): quadrants top left, top right,
+    # bottom left, bottom right; inside one, top to bottom, then left to right.
+    world, rank = World(seed=6), {q: i for i, q in enumerate(("top left", "top right", "bottom left", "bottom right"))}
+    several = 0
+    for i in range(N):
+        scene = world.scene(i)
+        several += len(scene.objects) > 1
+        by_phrase = {o.phrase(): o for o in scene.objects}
+        named = [by_phrase[p] for p in re.split(r", | and ", scene.caption())]
+        keys = [(rank[o.quadrant], o.y, o.x) for o in named]
+        assert len(named) == len(scene.objects) and keys == sorted(keys), scene.caption()
+        for permuted in itertools.permutations(scene.objects):
+            assert Scene(list(permuted)).caption() == scene.caption()
+    assert several > N // 2  # the test saw multi-object scenes
+
+
 _REF = re.compile(r"^(?:(small|large) )?(\w+) (\w+)(?: in the (\w+ \w+))?$")
 
 

@@ -5,8 +5,8 @@ holds 1..`max_objects` non-overlapping objects on a plain dark background; each 
 (circle, square, triangle, diamond), one of six well-separated colours, a size (small, large) and a centre
 (x, y) in [0, 1] (y grows downwards, as in image coordinates). Each scene comes with
 
-- a caption naming size, colour, shape and quadrant of every object ("a large red circle in the top left
-  and a small blue square in the bottom right"),
+- a caption naming size, colour, shape and quadrant of every object, in reading order ("a large red circle in
+  the top left and a small blue square in the bottom right"; `Scene.caption`),
 - an edit instruction (recolour, move to another quadrant, remove, add, resize) whose target is named
   unambiguously, and the edited scene and image.
 
@@ -107,7 +107,10 @@ class Scene:
         )
 
     def caption(self, template: str = "{objects}") -> str:
-        return template.format(objects=_join([o.phrase() for o in self.objects]))
+        """The objects in reading order (quadrants top left, top right, bottom left, bottom right; inside one,
+        top to bottom, then left to right), so a caption is a function of the image and not of the order in
+        which the scene was drawn: a captioner learns one target per image instead of one per permutation."""
+        return template.format(objects=_join([o.phrase() for o in reading_order(self.objects)]))
 
     def is_valid(self) -> bool:
         if len({o.identity() for o in self.objects}) != len(self.objects):
@@ -125,6 +128,11 @@ class WorldSample:
     edit_instruction: str
     edited_scene: Scene
     edited_image: np.ndarray  # (H, W, 3) uint8
+
+
+def reading_order(objects: list[WorldObject]) -> list[WorldObject]:
+    """`objects` sorted by quadrant (top left, top right, bottom left, bottom right), then by centre y, then x."""
+    return sorted(objects, key=lambda o: (o.y >= 0.5, o.x >= 0.5, o.y, o.x))
 
 
 def _join(phrases: list[str]) -> str:
