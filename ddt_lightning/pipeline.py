@@ -128,8 +128,10 @@ def run_pipeline(
     num_edits: int = 256,
     guidance: float = 3.0,
     edit_guidance: float | None = None,
+    temperature: float = 0.25,  # mllm.model.DEFAULT_IMAGE_TEMPERATURE
     top_k: int | None = None,
     decode_guidance: float = 2.0,
+    caption_beams: int = 4,  # mllm.model.DEFAULT_CAPTION_BEAMS (not imported: this module loads no torch)
     seed: int = 0,
     feature_net_steps: int = 800,
     feature_net_scenes: int = 16_384,
@@ -143,9 +145,11 @@ def run_pipeline(
             `model.init_args.tokenizer_path` is set to the tokenizer export).
         experiment_name: the MLflow experiment of every stage's run.
         num_prompts, num_captions, num_edits: held-out GenEval prompts, images to caption, edits to make.
-        guidance, edit_guidance, top_k: sampling of the evaluation (edit_guidance defaults to guidance).
+        guidance, edit_guidance, temperature, top_k: sampling of the evaluation's image tokens (edit_guidance
+            defaults to guidance).
         decode_guidance: the DDT decoder's own guidance when it draws the generated tokens (the tokenizer's
             sampler setting in configs/main.yaml).
+        caption_beams: beam search width of the evaluation's captions (1: greedy).
         seed: the evaluation's sampling seed.
         feature_net_steps, feature_net_scenes: training of the feature network (stage 0), when it is made here.
     """
@@ -194,8 +198,9 @@ def run_pipeline(
 
     args = ["--model", str(llm_dir), "--mlflow", "--experiment_name", experiment_name, "--run_name", "evaluate"]
     args += ["--num_prompts", str(num_prompts), "--num_captions", str(num_captions), "--num_edits", str(num_edits)]
-    args += ["--guidance", str(guidance), "--seed", str(seed), "--output", str(llm_dir / "evaluation")]
-    args += ["--decode_guidance", str(decode_guidance)]
+    args += ["--guidance", str(guidance), "--temperature", str(temperature), "--seed", str(seed)]
+    args += ["--output", str(llm_dir / "evaluation")]
+    args += ["--decode_guidance", str(decode_guidance), "--num_beams", str(caption_beams)]
     if edit_guidance is not None:
         args += ["--edit_guidance", str(edit_guidance)]
     if top_k is not None:

@@ -231,6 +231,33 @@ def test_generate_text_never_emits_image_ids_and_stops_at_eos(model: LlamaForCau
         generate_text(model, prompts, EOS, 2, SPAN, forbid_ids=[EOS])
 
 
+def test_beam_search_finds_the_caption_greedy_decoding_misses(model: LlamaForCausalLM) -> None:
+    # A trap for greedy decoding: the likeliest first word (3) leads to an unsure continuation, the second (4) to a
+    # sure <eos>. Beam search must return [4] (then <eos>), greedy [3, 5]; both must keep to the allowed ids.
+    A, B, C = 3, 4, 5
+    rows = {EOI: {A: 1.0, B: 0.8, C: -1.0, EOS: -2.0}, A: {A: 0.0, B: 0.0, C: 0.1, EOS: 0.0}, B: {EOS: 10.0}}
+
+    def trap(module, args, kwargs, out):
+        last = kwargs["input_ids"][:, -1].tolist()
+        logits = torch.full_like(out.logits[:, -1], -1e4)  # only A, B, C and <eos> are ever possible
+        for i, token in enumerate(last):
+            logits[i, [A, B, C, EOS]] = 0.0
+            for j, value in rows.get(token, {}).items():
+                logits[i, j] = value
+        out.logits[:, -1] = logits
+        return out
+
+    prompts = [[BOS, BOI, LO + 1, LO + 2, EOI], [BOS, BOI, LO + 3, EOI]]
+    with forward_hook(model, trap):
+        greedy = generate_text(model, prompts, EOS, 2, SPAN)
+        beams = generate_text(model, prompts, EOS, 2, SPAN, num_beams=3)
+        one_beam = generate_text(model, prompts, EOS, 2, SPAN, num_beams=1)
+    assert greedy == one_beam == [[A, C], [A, C]]
+    assert beams == [[B], [B]]
+    with pytest.raises(ValueError, match="num_beams"):
+        generate_text(model, prompts, EOS, 2, SPAN, num_beams=0)
+
+
 def test_bench_generate_prints_json(capsys: pytest.CaptureFixture[str]) -> None:
     sizes = {"batch-size": 2, "prompt-len": 5, "tokens": 4, "codes": 32, "text-vocab": 40, "hidden": 32, "layers": 1}
     sizes |= {"heads": 2, "top-k": 5, "repeats": 1}

@@ -128,7 +128,8 @@ def test_text_to_image_size_range_seed_and_guidance(model):
         assert set(rows) == {2}  # guidance 1: the conditional rows alone
     finally:
         handle.remove()
-    alone = generate_image_tokens(model.lm, model.text_to_image_prompts(prompts), None, model.span, generator=gen(3))
+    cond, temperature = model.text_to_image_prompts(prompts), model_module.DEFAULT_IMAGE_TEMPERATURE
+    alone = generate_image_tokens(model.lm, cond, None, model.span, temperature=temperature, generator=gen(3))
     assert torch.equal(codes, alone)  # timestep order: no permutation
 
 
@@ -391,4 +392,73 @@ def test_every_entry_point_decodes_with_the_main_jobs_decoder_guidance(monkeypat
     with pytest.raises(SystemExit):
         main_evaluate(["--model", "x"])
     defaults["ddt evaluate"] = seen["decode_guidance"]
+    assert defaults == dict.fromkeys(defaults, expected)
+
+
+def test_every_caption_entry_point_uses_the_same_beam_width(monkeypatch):
+    # As with the decoder's guidance: a caption figure from the API, a command or the pipeline must mean the same.
+    import inspect
+
+    import ddt_lightning.mllm.commands as commands
+    from ddt_lightning.pipeline import run_pipeline
+
+    expected = model_module.DEFAULT_CAPTION_BEAMS
+    assert expected > 1  # beam search, not greedy decoding (README, "The LM's sample efficiency")
+    defaults = {
+        "DDTLlama.caption": inspect.signature(DDTLlama.caption).parameters["num_beams"].default,
+        "DDTLlama.caption_codes": inspect.signature(DDTLlama.caption_codes).parameters["num_beams"].default,
+        "evaluate_world": inspect.signature(evaluate_world).parameters["caption_beams"].default,
+        "run_pipeline": inspect.signature(run_pipeline).parameters["caption_beams"].default,
+    }
+    seen = {}
+    monkeypatch.setattr(commands, "_image_paths", lambda parser, images: [Path("x.png")])
+    monkeypatch.setattr(commands, "_load_model", lambda parser, args: seen.update(args) or sys.exit(0))
+    for name, main in (("ddt evaluate", main_evaluate), ("ddt caption", main_caption)):
+        seen.clear()
+        with pytest.raises(SystemExit):
+            main(["--model", "x"])
+        defaults[name] = seen["num_beams"]
+    assert defaults == dict.fromkeys(defaults, expected)
+
+    # ... and the evaluation hands its width to the model.
+    class Recorder(Oracle):
+        def caption(self, images, **options):
+            seen["caption_options"] = options
+            return super().caption(images, **options)
+
+    options = dict(num_prompts=0, num_captions=2, num_edits=0, progress=False)
+    evaluate_world(Recorder(seed=1), seed=1, caption_beams=3, **options)
+    assert seen["caption_options"]["num_beams"] == 3
+
+
+def test_every_image_entry_point_samples_at_the_same_temperature(monkeypatch):
+    import inspect
+
+    import ddt_lightning.mllm.commands as commands
+    from ddt_lightning.pipeline import run_pipeline
+
+    expected = model_module.DEFAULT_IMAGE_TEMPERATURE
+    assert 0.0 < expected < 1.0  # below the LM's own distribution (README, "Sampling the image tokens")
+    defaults = {
+        name: inspect.signature(fn).parameters["temperature"].default
+        for name, fn in (
+            ("DDTLlama.generate_codes", DDTLlama.generate_codes),
+            ("DDTLlama.text_to_image", DDTLlama.text_to_image),
+            ("DDTLlama.edit", DDTLlama.edit),
+            ("evaluate_world", evaluate_world),
+            ("run_pipeline", run_pipeline),
+        )
+    }
+    seen = {}
+    monkeypatch.setattr(commands, "_image_paths", lambda parser, images: [Path("x.png")])
+    monkeypatch.setattr(commands, "_load_model", lambda parser, args: seen.update(args) or sys.exit(0))
+    for name, main, extra in (
+        ("ddt evaluate", main_evaluate, []),
+        ("ddt generate", main_generate, ["--prompt", "a small red circle in the top left"]),
+        ("ddt edit", main_edit, ["--images", "x.png", "--instruction", "remove the red circle"]),
+    ):
+        seen.clear()
+        with pytest.raises(SystemExit):
+            main(["--model", "x", *extra])
+        defaults[name] = seen["temperature"]
     assert defaults == dict.fromkeys(defaults, expected)

@@ -33,7 +33,12 @@ from tqdm import tqdm
 from ddt_lightning.data.images import BadImageError, ImageTransform, load_rgb
 from ddt_lightning.images import make_grid, save_png
 from ddt_lightning.mllm.evaluate import evaluate_world, to_numpy_images
-from ddt_lightning.mllm.model import DEFAULT_DECODE_GUIDANCE, DDTLlama
+from ddt_lightning.mllm.model import (
+    DEFAULT_CAPTION_BEAMS,
+    DEFAULT_DECODE_GUIDANCE,
+    DEFAULT_IMAGE_TEMPERATURE,
+    DDTLlama,
+)
 
 EXPERIMENT = "ddt-llm"
 
@@ -57,9 +62,20 @@ def _parser(command: str, description: str) -> ArgumentParser:
     return parser
 
 
+def _beams_argument(parser: ArgumentParser) -> None:
+    parser.add_argument(
+        "--num_beams",
+        type=int,
+        default=DEFAULT_CAPTION_BEAMS,
+        help="beam search width of the captions (1: greedy; default: the main job's)",
+    )
+
+
 def _sampling_arguments(parser: ArgumentParser, guidance: float = 3.0) -> None:
     parser.add_argument("--guidance", type=float, default=guidance, help="classifier-free guidance scale (1: none)")
-    parser.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
+    parser.add_argument(
+        "--temperature", type=float, default=DEFAULT_IMAGE_TEMPERATURE, help="of the image tokens (0: greedy)"
+    )
     parser.add_argument("--top_k", type=int | None, default=None, help="sample among the k likeliest codes")
     parser.add_argument("--top_p", type=float | None, default=None, help="nucleus sampling")
     parser.add_argument("--decode_steps", type=int | None, default=None, help="DDT decoder steps (default: export's)")
@@ -245,7 +261,8 @@ def main_caption(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=str, nargs="+", default=None, help="image files or folders")
     parser.add_argument("--output", type=str | None, default=None, help="folder for captions.json / captions.txt")
     parser.add_argument("--max_new_tokens", type=int, default=64, help="caption length limit")
-    parser.add_argument("--do_sample", action="store_true", help="sample instead of greedy decoding")
+    _beams_argument(parser)
+    parser.add_argument("--do_sample", action="store_true", help="sample instead of beam search or greedy decoding")
     parser.add_argument("--temperature", type=float, default=1.0, help="with --do_sample")
     parser.add_argument("--top_k", type=int | None, default=None, help="with --do_sample")
     parser.add_argument("--top_p", type=float | None, default=None, help="with --do_sample")
@@ -264,9 +281,10 @@ def main_caption(argv: list[str] | None = None) -> int:
             generator=_generator(model, args.seed),
             batch_size=args.batch_size,
             progress=True,
+            num_beams=args.num_beams,
         )
         rows = [{"image": str(p), "caption": c} for p, c in zip(paths, captions)]
-        header = {"model": args.model, "seed": args.seed, "do_sample": args.do_sample}
+        header = {"model": args.model, "seed": args.seed, "do_sample": args.do_sample, "num_beams": args.num_beams}
         text = json.dumps(header | {"items": rows}, indent=2)
         if args.output:
             folder = Path(args.output)
@@ -326,6 +344,7 @@ def main_evaluate(argv: list[str] | None = None) -> int:
     parser.add_argument("--num_edits", type=int, default=64, help="edit pairs (0: skip)")
     parser.add_argument("--edit_guidance", type=float | None, default=None, help="default: --guidance")
     parser.add_argument("--ceilings", type=bool, default=True, help="score the DDT tokenizer's reconstructions too")
+    _beams_argument(parser)
     parser.add_argument("--output", type=str | None, default=None, help="folder for scores.json, grids, captions")
     _sampling_arguments(parser)
     args = parser.parse_args(argv)
@@ -344,6 +363,7 @@ def main_evaluate(argv: list[str] | None = None) -> int:
             top_p=args.top_p,
             decode_steps=args.decode_steps,
             decode_guidance=args.decode_guidance,
+            caption_beams=args.num_beams,
             batch_size=args.batch_size,
             generator_seed=args.seed,
             ceilings=args.ceilings,

@@ -47,7 +47,7 @@ from ddt_lightning.geneval import (
     score_image,
 )
 from ddt_lightning.images import make_grid, to_uint8
-from ddt_lightning.mllm.model import DEFAULT_DECODE_GUIDANCE
+from ddt_lightning.mllm.model import DEFAULT_CAPTION_BEAMS, DEFAULT_DECODE_GUIDANCE, DEFAULT_IMAGE_TEMPERATURE
 
 
 def to_numpy_images(images: torch.Tensor) -> np.ndarray:
@@ -126,12 +126,13 @@ def evaluate_world(
     num_edits: int = 64,
     guidance: float = 3.0,
     edit_guidance: float | None = None,
-    temperature: float = 1.0,
+    temperature: float = DEFAULT_IMAGE_TEMPERATURE,
     top_k: int | None = None,
     top_p: float | None = None,
     decode_steps: int | None = None,
     decode_guidance: float = DEFAULT_DECODE_GUIDANCE,
     max_new_tokens: int = 64,
+    caption_beams: int = DEFAULT_CAPTION_BEAMS,
     batch_size: int = 16,
     generator_seed: int = 0,
     ceilings: bool = True,
@@ -146,6 +147,7 @@ def evaluate_world(
         num_prompts, num_captions, num_edits: held-out samples per task (0 skips the task).
         guidance, edit_guidance: classifier-free guidance of text-to-image and of edits (default: `guidance`).
         generator_seed: seeds one CPU-or-device generator per task, so a task's images do not depend on the others.
+        caption_beams: beam search width of the captions (1: greedy).
         ceilings: also score the DDT tokenizer's reconstructions of the ground truth (`ceiling/...`).
         num_samples: images per task kept in `samples` for grids.
     """
@@ -194,7 +196,12 @@ def evaluate_world(
         samples = held_out[:num_captions]
         images = from_numpy_images([s.image for s in samples])
         predicted = model.caption(
-            images, max_new_tokens=max_new_tokens, generator=generator(1), batch_size=batch_size, progress=progress
+            images,
+            max_new_tokens=max_new_tokens,
+            generator=generator(1),
+            batch_size=batch_size,
+            progress=progress,
+            num_beams=caption_beams,
         )
         correct = [caption_accuracy(text, s.scene) for text, s in zip(predicted, samples)]
         scores["caption_accuracy"] = float(np.mean(correct))

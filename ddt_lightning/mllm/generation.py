@@ -295,10 +295,12 @@ def generate_text(
     temperature: float = 1.0,
     top_k: int | None = None,
     top_p: float | None = None,
+    num_beams: int = 1,
 ) -> list[list[int]]:
     """Continue each prompt with text (captioning: `<bos> <boi> v... <eoi>`): the new ids per row, cut before `<eos>`.
 
-    Uses `model.generate` (greedy unless `do_sample`; seed sampling with `torch.manual_seed`). Visual ids can never be
+    Uses `model.generate` (greedy unless `do_sample`, beam search with `num_beams` > 1: the most likely caption of
+    `num_beams` hypotheses rather than the greedy one; seed sampling with `torch.manual_seed`). Visual ids can never be
     emitted, nor `<boi>`/`<eoi>` when an `ImageSpan` is given (a bare `range` forbids just that id range), nor
     `forbid_ids` (for example `<pad>`, `<null>` and the embedding rows that only pad the vocabulary).
     """
@@ -315,12 +317,14 @@ def generate_text(
         raise ValueError(f"eos_id {eos_id} is one of the forbidden ids")
     if do_sample:
         logits_warpers(temperature, top_k, top_p)  # validates the arguments with our messages
+    if not isinstance(num_beams, int) or num_beams < 1:
+        raise ValueError(f"num_beams must be an integer >= 1, got {num_beams!r}")
     ids, real = left_pad(prompt_ids, prompt_mask, pad_id=eos_id, name="prompt_ids")
     device = _device(model)
     config = GenerationConfig(
         max_new_tokens=max_new_tokens,
         do_sample=do_sample,
-        num_beams=1,
+        num_beams=num_beams,
         eos_token_id=eos_id,
         pad_token_id=eos_id,
         use_cache=True,

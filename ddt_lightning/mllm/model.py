@@ -48,6 +48,12 @@ DEFAULT_DECODE_STEPS = 8  # TokenizerModule's `sampler_steps` default (configs/m
 # The DDT decoder's own guidance: its sampler's in configs/main.yaml and the main job's (configs/pipeline.yaml), so a
 # command or call left at its default scores an export as the pipeline did.
 DEFAULT_DECODE_GUIDANCE = 2.0
+# The temperature of the image tokens (text-to-image and edits) by default, everywhere (the API, the commands, the
+# evaluation, the pipeline): the held-out scores rise as it falls from 1 (README, "Sampling the image tokens").
+DEFAULT_IMAGE_TEMPERATURE = 0.25
+# Captions are decoded by beam search over this many hypotheses by every entry point (the API, `ddt caption`,
+# `ddt evaluate`, the pipeline), so their figures agree; 1 is greedy decoding.
+DEFAULT_CAPTION_BEAMS = 4
 DEFAULT_MAX_TEXT_TOKENS = 64  # MLLMModule's `max_text_tokens` default: captions and instructions are cut to this
 
 
@@ -268,7 +274,7 @@ class DDTLlama:
         cond: list[list[int]],
         uncond: list[list[int]] | None,
         guidance: float = 3.0,
-        temperature: float = 1.0,
+        temperature: float = DEFAULT_IMAGE_TEMPERATURE,
         top_k: int | None = None,
         top_p: float | None = None,
         generator: torch.Generator | None = None,
@@ -294,7 +300,7 @@ class DDTLlama:
         self,
         prompts: Sequence[str],
         guidance: float = 3.0,
-        temperature: float = 1.0,
+        temperature: float = DEFAULT_IMAGE_TEMPERATURE,
         top_k: int | None = None,
         top_p: float | None = None,
         decode_steps: int | None = None,
@@ -329,13 +335,17 @@ class DDTLlama:
         generator: torch.Generator | None = None,
         batch_size: int = 32,
         progress: bool = False,
+        num_beams: int = DEFAULT_CAPTION_BEAMS,
     ) -> list[str]:
-        """A caption per image (B, 3, R, R) in [-1, 1]; greedy unless `do_sample`. Only text ids can be emitted."""
+        """A caption per image (B, 3, R, R) in [-1, 1]: beam search over `num_beams` hypotheses (1: greedy), or
+        sampling with `do_sample`. Only text ids can be emitted."""
         images = self._check_images(images)
         captions: list[str] = []
         for part in _bar(_chunks(images.shape[0], batch_size), "captions", progress):
             codes = self.ddt.encode(images[part])
-            captions += self.caption_codes(codes, max_new_tokens, do_sample, temperature, top_k, top_p, generator)
+            captions += self.caption_codes(
+                codes, max_new_tokens, do_sample, temperature, top_k, top_p, generator, num_beams=num_beams
+            )
         return captions
 
     @torch.inference_mode()
@@ -348,6 +358,7 @@ class DDTLlama:
         top_k: int | None = None,
         top_p: float | None = None,
         generator: torch.Generator | None = None,
+        num_beams: int = DEFAULT_CAPTION_BEAMS,
     ) -> list[str]:
         """`caption` from DDT codes (B, T) in DDT's order (pre-tokenized images), in one batch."""
         ids = self.vocab.ids
@@ -370,6 +381,7 @@ class DDTLlama:
                 temperature=temperature,
                 top_k=top_k,
                 top_p=top_p,
+                num_beams=num_beams,
             )
         return self.vocab.decode_text(rows)
 
@@ -379,7 +391,7 @@ class DDTLlama:
         images: torch.Tensor,
         instructions: str | Sequence[str],
         guidance: float = 3.0,
-        temperature: float = 1.0,
+        temperature: float = DEFAULT_IMAGE_TEMPERATURE,
         top_k: int | None = None,
         top_p: float | None = None,
         decode_steps: int | None = None,
