@@ -403,7 +403,7 @@ def test_every_caption_entry_point_uses_the_same_beam_width(monkeypatch):
     from ddt_lightning.pipeline import run_pipeline
 
     expected = model_module.DEFAULT_CAPTION_BEAMS
-    assert expected > 1  # beam search, not greedy decoding (README, "The LM's sample efficiency")
+    assert expected > 1  # beam search, not greedy decoding (README, "Sampling")
     defaults = {
         "DDTLlama.caption": inspect.signature(DDTLlama.caption).parameters["num_beams"].default,
         "DDTLlama.caption_codes": inspect.signature(DDTLlama.caption_codes).parameters["num_beams"].default,
@@ -438,7 +438,7 @@ def test_every_image_entry_point_samples_at_the_same_temperature(monkeypatch):
     from ddt_lightning.pipeline import run_pipeline
 
     expected = model_module.DEFAULT_IMAGE_TEMPERATURE
-    assert 0.0 < expected < 1.0  # below the LM's own distribution (README, "Sampling the image tokens")
+    assert 0.0 < expected < 1.0  # below the LM's own distribution (README, "Sampling")
     defaults = {
         name: inspect.signature(fn).parameters["temperature"].default
         for name, fn in (

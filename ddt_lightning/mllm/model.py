@@ -49,7 +49,7 @@ DEFAULT_DECODE_STEPS = 8  # TokenizerModule's `sampler_steps` default (configs/m
 # command or call left at its default scores an export as the pipeline did.
 DEFAULT_DECODE_GUIDANCE = 2.0
 # The temperature of the image tokens (text-to-image and edits) by default, everywhere (the API, the commands, the
-# evaluation, the pipeline): the held-out scores rise as it falls from 1 (README, "Sampling the image tokens").
+# evaluation, the pipeline): the held-out scores rise as it falls from 1 (README, "Sampling").
 DEFAULT_IMAGE_TEMPERATURE = 0.25
 # Captions are decoded by beam search over this many hypotheses by every entry point (the API, `ddt caption`,
 # `ddt evaluate`, the pipeline), so their figures agree; 1 is greedy decoding.
