@@ -7,8 +7,9 @@ training order seeded, DDP-sharded and exactly resumable mid-epoch (`ResumableSa
 DataModule here.
 
 Batches: `codes` long (B, T) in the DDT tokenizer's own order, `caption` list[str] (when the data had captions),
-`label` long (B,), `index` long (B,) (world data), `edit_instruction` list[str] and `edit_target_codes` long (B, T)
-(world edits), `num_skipped` (always 0: bad images were skipped, and counted in the manifest, when tokenizing).
+`label` long (B,), `index` long (B,) (world data), `edit_instruction` list[str], `edit_caption` list[str] and
+`edit_target_codes` long (B, T) (world edits), `num_skipped` (always 0: bad images were skipped, and counted in
+the manifest, when tokenizing).
 `MLLMModule(tokens="pretokenized")` reads them; `num_codes` / `num_tokens` come from the manifest
 (`TokenShardsDataModule.manifest`).
 """
@@ -59,6 +60,8 @@ class TokenShards(Dataset):
         if self.edit_codes is not None:
             item["edit_instruction"] = extras["edit_instruction"]
             item["edit_target_codes"] = torch.from_numpy(self.edit_codes[index]).long()
+            if "edit_caption" in extras:  # shards of format ddt-tokens/2 on
+                item["edit_caption"] = extras["edit_caption"]
         return item
 
 

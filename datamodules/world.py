@@ -10,8 +10,9 @@ Batches: `image` (B, 3, R, R) in [-1, 1], `label` all -1 (no classes), `caption`
 the sample's index in its split, so that `dm.world(split).sample(index)` recovers the ground-truth scene and edit.
 With `edits=True` they also carry the edit triple of design.md section 2 (`<boi> src <eoi> instruction <boi> tgt
 <eoi>`): `edit_source` (= `image`), `edit_instruction` list[str] and `edit_target` (B, 3, R, R) in [-1, 1], the
-edited image - exactly `world(split).sample(index)`'s `edit_instruction` and `edited_image`. Edits render every
-scene twice (about 2x the time) and are cached in their own entries.
+edited image - exactly `world(split).sample(index)`'s `edit_instruction` and `edited_image` - and `edit_caption`
+list[str], the edited scene's caption (the caption_first edit format). Edits render every scene twice (about 2x the
+time) and are cached in their own entries.
 """
 
 from __future__ import annotations
@@ -42,10 +43,11 @@ DEFAULT_CACHE_DIR = "~/.cache/ddt_lightning/world"
 
 @dataclass
 class Edits:
-    """The edits of a split: edited images (N, R, R, 3) uint8 and their instructions."""
+    """The edits of a split: edited images (N, R, R, 3) uint8, their instructions and the edited images' captions."""
 
     targets: np.ndarray
     instructions: list[str]
+    captions: list[str]
 
 
 class WorldImages(Dataset):
@@ -54,9 +56,11 @@ class WorldImages(Dataset):
     def __init__(self, images: np.ndarray, captions: list[str], edits: Edits | None = None) -> None:
         if len(images) != len(captions):
             raise ValueError(f"{len(images)} images but {len(captions)} captions")
-        if edits is not None and not len(edits.targets) == len(edits.instructions) == len(images):
+        sizes = (len(edits.targets), len(edits.instructions), len(edits.captions)) if edits is not None else ()
+        if any(size != len(images) for size in sizes):
             raise ValueError(
-                f"{len(images)} images but {len(edits.targets)} edit targets, {len(edits.instructions)} edits"
+                f"{len(images)} images but {len(edits.targets)} edit targets, {len(edits.instructions)} edits, "
+                f"{len(edits.captions)} edit captions"
             )
         self.images = images  # (N, R, R, 3) uint8
         self.captions = captions
@@ -75,22 +79,26 @@ class WorldImages(Dataset):
             "edit_source": image,
             "edit_instruction": self.edits.instructions[index],
             "edit_target": uint8_to_tensor(self.edits.targets[index]),  # (3, R, R)
+            "edit_caption": self.edits.captions[index],  # the edited scene's caption
         }
 
 
 def render_with_edits(world: World, size: int, progress: bool = True) -> tuple[np.ndarray, list[str], Edits]:
-    """Samples 0..size-1 of `world` with their edits: images, captions, and the edited images and instructions."""
+    """Samples 0..size-1 of `world` with their edits: images, captions, and the edited images, instructions and
+    captions (`Scene.caption()` of the edited scene, without a template)."""
     r = world.resolution
     images, targets = np.empty((2, size, r, r, 3), dtype=np.uint8)  # each (N, R, R, 3)
     captions: list[str] = []
     instructions: list[str] = []
+    edit_captions: list[str] = []
     desc = f"rendering world with edits (seed {world.seed}, {r}px)"
     for i in tqdm(range(size), desc=desc, disable=not progress, mininterval=1.0, unit="img"):
         sample = world.sample(i)
         images[i], targets[i] = sample.image, sample.edited_image
         captions.append(sample.caption)
         instructions.append(sample.edit_instruction)
-    return images, captions, Edits(targets, instructions)
+        edit_captions.append(sample.edited_scene.caption())
+    return images, captions, Edits(targets, instructions, edit_captions)
 
 
 class WorldDataModule(LightningDataModule):
@@ -151,7 +159,7 @@ class WorldDataModule(LightningDataModule):
             "size": self.sizes[split],
         }
         if self.hparams.edits:  # only then: the entries of image-only runs keep their names
-            key["edits"] = True
+            key["edits"] = 2  # 2: with the edited images' captions (entries of 1, `True`, lack them)
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
         return self.cache_dir / f"{split}-{self.sizes[split]}-{self.resolution}px-{digest}"
 
@@ -168,6 +176,7 @@ class WorldDataModule(LightningDataModule):
         if data.edits is not None:
             np.save(tmp / "edit_targets.npy", data.edits.targets)
             (tmp / "edit_instructions.json").write_text(json.dumps(data.edits.instructions))
+            (tmp / "edit_captions.json").write_text(json.dumps(data.edits.captions))
         (tmp / "captions.json").write_text(json.dumps(data.captions))
         try:
             os.replace(tmp, path)  # atomic: readers see a complete entry or none
@@ -185,7 +194,8 @@ class WorldDataModule(LightningDataModule):
         edits = None
         if self.hparams.edits:
             instructions = json.loads((path / "edit_instructions.json").read_text())
-            edits = Edits(np.load(path / "edit_targets.npy", mmap_mode="r"), instructions)
+            captions = json.loads((path / "edit_captions.json").read_text())
+            edits = Edits(np.load(path / "edit_targets.npy", mmap_mode="r"), instructions, captions)
         return WorldImages(images, json.loads((path / "captions.json").read_text()), edits)
 
     def prepare_data(self) -> None:

@@ -7,7 +7,8 @@ batch by batch and written as tar shards of `batches_per_shard` batches:
 
     output/manifest.json             what made the shards (tokenizer digest, data config), K, T, per-split counts
     output/<split>/shard-000000.tar  WebDataset samples: `codes.npy` (T,) int32, `txt` caption, `json` extras
-                                     (label, index, edit instruction), `edit_codes.npy` (T,) for world edits
+                                     (label, index, edit instruction and caption), `edit_codes.npy` (T,) for
+                                     world edits
 
 Resumable: a shard is written under a temporary name and renamed when complete, so after an interruption the
 finished shards stay and the command restarts at the first missing one (skipping, without encoding, the batches
@@ -33,7 +34,7 @@ from tqdm.auto import tqdm
 from ddt_lightning.tokenizer import CONFIG_NAME, WEIGHTS_NAME, DDTTokenizer, check_data_resolution
 
 MANIFEST = "manifest.json"
-FORMAT = "ddt-tokens/1"
+FORMAT = "ddt-tokens/2"  # 2: world edits carry the edited scene's caption (`edit_caption` in `json`)
 
 
 def tokenizer_digest(directory: str | Path) -> str:
@@ -74,6 +75,8 @@ def _samples(split: str, start: int, batch: dict[str, Any], codes: np.ndarray, e
             extras["index"] = int(batch["index"][row])
         if "edit_instruction" in batch:
             extras["edit_instruction"] = batch["edit_instruction"][row]
+        if "edit_caption" in batch:
+            extras["edit_caption"] = batch["edit_caption"][row]
         sample = {"__key__": f"{split}-{start + row:09d}", "codes.npy": codes[row], "json": extras}
         if "caption" in batch:
             sample["txt"] = batch["caption"][row]

@@ -265,13 +265,17 @@ def test_world_edit_triples_match_the_world(tmp_path, monkeypatch):
         assert batch["caption"][row] == sample.caption and batch["edit_instruction"][row] == sample.edit_instruction
         assert torch.equal(batch["image"][row], uint8_to_tensor(sample.image))
         assert torch.equal(batch["edit_target"][row], uint8_to_tensor(sample.edited_image))
+        assert batch["edit_caption"][row] == sample.edited_scene.caption()  # the caption_first edit format's
     assert not torch.equal(batch["edit_target"], batch["image"])
     # Cached apart from image-only entries, and reloaded without rendering.
     assert WorldDataModule(**args, cache_dir=str(tmp_path)).cache_path("val") != dm.cache_path("val")
     monkeypatch.setattr(World, "sample", lambda *a, **k: pytest.fail("rendered despite the cache"))
     again = WorldDataModule(**args, cache_dir=str(tmp_path), edits=True)
     again.setup("validate")
-    assert torch.equal(next(iter(again.val_dataloader()))["edit_target"], batch["edit_target"])
+    reloaded = next(iter(again.val_dataloader()))
+    assert (
+        torch.equal(reloaded["edit_target"], batch["edit_target"]) and reloaded["edit_caption"] == batch["edit_caption"]
+    )
     plain = next(iter(WorldDataModule(**args, cache_dir=None).val_dataloader()))
     assert "edit_target" not in plain and torch.equal(plain["image"], batch["image"])
 

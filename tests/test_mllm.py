@@ -175,6 +175,22 @@ def test_each_format_has_exactly_its_ids_and_loss_span():
         build_batch(IDS, ["edit"], images[:1], [ins], None, None)
 
 
+def test_caption_first_edits_state_the_target_then_draw_it():
+    img, tgt, ins, cap = [100, 101, 102], [140, 141, 142], [20, 21], [10, 11]
+    x = IGNORE_INDEX
+    ids, labels = edit(IDS, img, ins, tgt, cap)
+    assert ids == [1, 4, 100, 101, 102, 5, 20, 21, 2, 10, 11, 4, 140, 141, 142, 5]  # ... instruction <eos> caption
+    assert labels == [x] * 9 + [10, 11, 4, 140, 141, 142, 5]  # the caption, <boi> and the image are predicted
+    assert edit(IDS, img, None, tgt, cap) == edit(IDS, img, None, tgt)  # a null instruction drops the caption too
+    images, targets = torch.tensor([img, img]), torch.tensor([tgt, tgt])
+    seq = build_batch(IDS, ["edit", "edit"], images, [ins, ins], [False, True], targets, edit_captions=[cap, cap])
+    assert seq.input_ids[0].tolist() == ids and seq.input_ids[1].tolist()[:12] == edit(IDS, img, None, tgt)[0]
+    seq = build_batch(IDS, ["edit", "t2i"], images, [ins, cap], None, targets, edit_captions=[cap, None])
+    assert seq.input_ids[0].tolist() == ids and seq.input_ids[1].tolist()[:8] == text_to_image(IDS, cap, img)[0]
+    with pytest.raises(ValueError, match="edit captions"):
+        build_batch(IDS, ["edit", "edit"], images, [ins, ins], None, targets, edit_captions=[cap])
+
+
 def test_length_groups_split_by_length_and_keep_every_token():
     img, tgt = [100, 101, 102], [140, 141, 142]
     tasks = ["edit", "t2i", "i2t", "edit", "t2i"]
@@ -300,6 +316,29 @@ def test_on_the_fly_tokens_refuse_data_of_another_resolution(ddt_dir):
     module._trainer = SimpleNamespace(datamodule=SimpleNamespace(resolution=16))
     with pytest.raises(ValueError, match="no captions"):  # past the resolution check, to the next requirement
         module.setup("fit")
+
+
+def test_the_caption_first_module_trains_on_the_edited_scenes_caption(ddt_dir, captions, tmp_path):
+    module = make_module(ddt_dir, captions, tasks={"edit": 1.0}, edit_format="caption_first")
+    batch = world_batch()
+    world = World(seed=1, resolution=16, supersample=1)
+    batch["edit_caption"] = [world.sample(i).edited_scene.caption() for i in range(4)]
+    seq = module.sequences(batch, ["edit"] * 4, [False, False, False, True], torch.Generator())
+    vocab, ids = module.vocab, module.vocab.ids
+    for row in range(3):
+        tokens = seq.input_ids[row].tolist()
+        start = tokens.index(ids.eos) + 1  # the caption follows the instruction's <eos> and is labelled
+        end = tokens.index(ids.boi, start)
+        assert vocab.decode_text([tokens[start:end]])[0] == batch["edit_caption"][row]
+        assert seq.labels[row, start:end].tolist() == tokens[start:end]
+    assert ids.eos not in seq.input_ids[3].tolist()  # the null row: no caption
+    del batch["edit_caption"]
+    with pytest.raises(ValueError, match="edit_caption"):
+        module.sequences(batch, ["edit"] * 4, None, torch.Generator())
+    with pytest.raises(ValueError, match="edit_format"):
+        MLLMModule(lm=MICRO_LM, tokenizer_path=str(ddt_dir), edit_format="caption-first")
+    module.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "lm" / "ddt_llm.json").read_text())["edit_format"] == "caption_first"
 
 
 def test_module_builds_once_trains_checkpoints_and_exports(ddt_dir, captions, tmp_path):

@@ -207,6 +207,50 @@ def test_edit_uses_the_instruction_and_the_null_instruction(model, monkeypatch):
         model.caption(torch.zeros(1, 3, 8, 8))
 
 
+def test_a_caption_first_model_writes_the_target_caption_then_draws_it(export, model, tmp_path, monkeypatch):
+    root = tmp_path / "caption_first"
+    shutil.copytree(export[0], root)
+    config_file = root / "lm" / "ddt_llm.json"
+    config = json.loads(config_file.read_text())
+    assert "edit_format" in config and model.edit_format == "direct"
+    del config["edit_format"]  # an export from before the option loads as direct
+    config_file.write_text(json.dumps(config))
+    assert DDTLlama.from_pretrained(root).edit_format == "direct"
+    config_file.write_text(json.dumps(config | {"edit_format": "caption_first"}))
+    first = DDTLlama.from_pretrained(root)
+    ids, vocab = first.vocab.ids, first.vocab
+
+    images, samples = world_images(3)
+    instructions = [s.edit_instruction for s in samples]
+    sources = first.ddt.encode(images)
+    prompts = first.edit_prompts(sources, instructions)
+    assert [p[:-1] for p in prompts] == [p[:-1] for p in model.edit_prompts(sources, instructions)]
+    assert all(row[-1] == ids.eos for row in prompts)  # ... instruction <eos>: the caption comes next
+    calls = []
+    monkeypatch.setattr(
+        model_module,
+        "generate_image_tokens",
+        lambda lm, cond, uncond, span, **k: (
+            calls.append((cond, uncond)) or generate_image_tokens(lm, cond, uncond, span, **k)
+        ),
+    )
+    edited = first.edit(images, instructions, guidance=2.0, decode_steps=1, generator=gen(0))
+    assert edited.shape == (3, 3, RES, RES)
+    cond, uncond = calls[0]
+    captions = first.edit_captions(images, instructions)
+    for row, prompt in enumerate(prompts):
+        written = cond[row][len(prompt) : -1]
+        assert cond[row][: len(prompt)] == prompt and cond[row][-1] == ids.boi
+        assert all(i < vocab.visual_offset and i not in (ids.boi, ids.eoi, ids.null, ids.pad, ids.eos) for i in written)
+        assert vocab.decode_text([written])[0] == captions[row]
+    assert any(len(row) > len(p) + 1 for row, p in zip(cond, prompts))  # the random LM did write something
+    assert uncond == model.edit_prompts(sources, None)  # the null prompt of both formats
+    with pytest.raises(ValueError, match="caption_first"):
+        model.edit_captions(images, instructions)
+    with pytest.raises(ValueError, match="edit_format"):
+        DDTLlama(first.lm, vocab, first.ddt, edit_format="captions")
+
+
 # ------------------------------------------------------------------------------------------------------ evaluation
 def test_evaluate_world_on_the_tiny_model(model):
     scores = evaluate_world(

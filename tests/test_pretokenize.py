@@ -68,6 +68,7 @@ def test_shard_ids_equal_the_tokenizers_codes_in_loader_order(shards, ddt_dir):
     assert torch.equal(got["codes"], tokenizer.encode(batch["image"]))
     assert torch.equal(got["edit_target_codes"], tokenizer.encode(batch["edit_target"]))
     assert got["caption"] == batch["caption"] and got["edit_instruction"] == batch["edit_instruction"]
+    assert got["edit_caption"] == batch["edit_caption"]
     assert torch.equal(got["index"], batch["index"]) and got["codes"].dtype == torch.long
 
 

@@ -35,7 +35,15 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from ddt_lightning.mllm.generation import ImageSpan, generate_image_tokens, generate_text
-from ddt_lightning.mllm.sequences import IGNORE_INDEX, Example, TokenOrder, edit, image_to_text, text_to_image
+from ddt_lightning.mllm.sequences import (
+    EDIT_FORMATS,
+    IGNORE_INDEX,
+    Example,
+    TokenOrder,
+    edit,
+    image_to_text,
+    text_to_image,
+)
 from ddt_lightning.mllm.vocab import MultimodalVocab
 from ddt_lightning.tokenizer import CONFIG_NAME, DDTTokenizer
 
@@ -84,6 +92,7 @@ class DDTLlama:
         token_order: the order the visual tokens had in training sequences (`ddt_llm.json`).
         max_text_tokens: captions and instructions are cut to this many tokens, as in training.
         decode_steps: default Euler steps of the DDT decoder.
+        edit_format: the edit sequences the LM was trained on (`mllm.sequences.EDIT_FORMATS`; `ddt_llm.json`).
     """
 
     def __init__(
@@ -94,7 +103,10 @@ class DDTLlama:
         token_order: TokenOrder | None = None,
         max_text_tokens: int = DEFAULT_MAX_TEXT_TOKENS,
         decode_steps: int = DEFAULT_DECODE_STEPS,
+        edit_format: str = "direct",
     ) -> None:
+        if edit_format not in EDIT_FORMATS:
+            raise ValueError(f"edit_format must be one of {EDIT_FORMATS}, got {edit_format!r}")
         if vocab.num_codes != ddt.config.codebook_size:
             raise ValueError(
                 f"the vocabulary has K = {vocab.num_codes} visual tokens, the DDT tokenizer "
@@ -111,6 +123,7 @@ class DDTLlama:
         self.order = token_order or TokenOrder()
         self.max_text_tokens = max_text_tokens
         self.decode_steps = decode_steps
+        self.edit_format = edit_format
         self.logits_width = width
         self.span: ImageSpan = vocab.image_span(ddt.config.num_tokens)
 
@@ -170,6 +183,7 @@ class DDTLlama:
             order,
             max_text_tokens=int(config.get("max_text_tokens", DEFAULT_MAX_TEXT_TOKENS)),
             decode_steps=int(config.get("decode_steps", DEFAULT_DECODE_STEPS)),
+            edit_format=config.get("edit_format", "direct"),  # exports before the option are direct
         )
         return model.to(device)
 
@@ -220,10 +234,13 @@ class DDTLlama:
     def edit_prompts(
         self, codes: torch.Tensor, instructions: Sequence[str] | None, generator: torch.Generator | None = None
     ) -> list[list[int]]:
-        """`<bos> <boi> src.. <eoi> instruction <boi>` per source (B, T); instructions None: `<null>` for each."""
+        """`<bos> <boi> src.. <eoi> instruction <boi>` per source (B, T); instructions None: `<null>` for each.
+        caption_first: `<bos> <boi> src.. <eoi> instruction <eos>` (the LM writes the target's caption next); the
+        null prompt is the same in both formats."""
         rows = self._visual_rows(codes, generator)
         texts = self._text(instructions) if instructions is not None else [None] * len(rows)
-        return [prompt_of(edit(self.vocab.ids, row, text, [])) for row, text in zip(rows, texts)]
+        caption = [] if self.edit_format == "caption_first" else None
+        return [prompt_of(edit(self.vocab.ids, row, text, [], caption)) for row, text in zip(rows, texts)]
 
     # -------------------------------------------------------------------------------------------------- codes
     def _check_images(self, images: torch.Tensor) -> torch.Tensor:
@@ -412,7 +429,40 @@ class DDTLlama:
         for part in _bar(_chunks(b, batch_size), "edits", progress):
             sources = self.ddt.encode(images[part])  # (b, T) in DDT's order
             cond = self.edit_prompts(sources, instructions[part], generator)
+            if self.edit_format == "caption_first":  # the target's caption first (beam search), then its image
+                captions = self._continue_with_text(cond, stop_id=self.vocab.ids.boi)
+                cond = [prompt + caption + [self.vocab.ids.boi] for prompt, caption in zip(cond, captions)]
             uncond = self.edit_prompts(sources, None, generator) if float(guidance) != 1.0 else None
             codes = self.generate_codes(cond, uncond, guidance, temperature, top_k, top_p, generator)
             out.append(self.decode(codes, decode_steps, decode_guidance, generator))
         return torch.cat(out)  # (B, 3, R, R)
+
+    def edit_captions(self, images: torch.Tensor, instructions: str | Sequence[str], batch_size: int = 32) -> list[str]:
+        """caption_first models: the caption each edit writes for its target before drawing it (beam search), to
+        see whether a failed edit misread the scene or the instruction, or drew the right caption wrong."""
+        if self.edit_format != "caption_first":
+            raise ValueError(f"edit_captions needs a caption_first model; this one edits {self.edit_format}")
+        images = self._check_images(images)
+        instructions = [instructions] * images.shape[0] if isinstance(instructions, str) else list(instructions)
+        if len(instructions) != images.shape[0]:
+            raise ValueError(f"{len(instructions)} instructions for {images.shape[0]} images")
+        captions: list[list[int]] = []
+        for part in _chunks(images.shape[0], batch_size):
+            prompts = self.edit_prompts(self.ddt.encode(images[part]), instructions[part])
+            captions += self._continue_with_text(prompts, stop_id=self.vocab.ids.boi)
+        return self.vocab.decode_text(captions)
+
+    @torch.inference_mode()
+    def _continue_with_text(self, prompts: list[list[int]], stop_id: int) -> list[list[int]]:
+        """Text ids continuing each prompt until `stop_id` (excluded), by beam search; no visual or special ids."""
+        ids = self.vocab.ids
+        specials = tuple(i for i in (ids.boi, ids.eoi, ids.null, ids.pad, ids.bos, ids.eos) if i != stop_id)
+        return generate_text(
+            self.lm,
+            prompts,
+            stop_id,
+            self.max_text_tokens,
+            range(self.vocab.visual_offset, self.logits_width),
+            forbid_ids=specials,
+            num_beams=DEFAULT_CAPTION_BEAMS,
+        )

@@ -7,6 +7,11 @@ design.md section 2; DDT-LLaMA (DDT paper, arXiv 2504.14666, section 4). With `v
     edit   <bos> <boi> src.. <eoi> instruction <boi> tgt.. <eoi>     labels: tgt.. <eoi>
     class  t2i with the class name as the caption (ImageNet-style data)
 
+and, with `EDIT_FORMATS` "caption_first" (ours), an edit that first states the edited scene in words, then draws it:
+
+    edit   <bos> <boi> src.. <eoi> instruction <eos> target-caption <boi> tgt.. <eoi>
+                                                  labels: target-caption <boi> tgt.. <eoi>
+
 Labels are the input ids inside the loss span and -100 elsewhere (Hugging Face convention: the model shifts them,
 so position i's logits are scored against labels[i + 1]). Null-prompt dropout (for classifier-free guidance) turns
 the caption of t2i and class, and the instruction of edit, into the single token `<null>`; the null prompt of
@@ -28,6 +33,9 @@ from typing import Literal
 import torch
 
 TASKS: tuple[str, ...] = ("t2i", "i2t", "edit", "class")
+# "direct": the target image right after the instruction; "caption_first": the target's caption, then its image
+# (an edit becomes captioning + text-to-image in one sequence: both of which the LM learns from the other tasks too).
+EDIT_FORMATS: tuple[str, ...] = ("direct", "caption_first")
 NULL_TASKS: frozenset[str] = frozenset({"t2i", "edit", "class"})  # tasks whose text condition may be dropped
 IGNORE_INDEX = -100
 
@@ -84,8 +92,23 @@ def image_to_text(ids: SpecialIds, image: Sequence[int], caption: Sequence[int])
     return prefix + span, _masked(prefix) + span
 
 
-def edit(ids: SpecialIds, source: Sequence[int], instruction: Sequence[int] | None, target: Sequence[int]) -> Example:
-    """`<bos> <boi> src.. <eoi> instruction <boi> tgt.. <eoi>`, loss on `tgt.. <eoi>`; instruction None -> `<null>`."""
+def edit(
+    ids: SpecialIds,
+    source: Sequence[int],
+    instruction: Sequence[int] | None,
+    target: Sequence[int],
+    target_caption: Sequence[int] | None = None,
+) -> Example:
+    """`<bos> <boi> src.. <eoi> instruction <boi> tgt.. <eoi>`, loss on `tgt.. <eoi>`; instruction None -> `<null>`.
+
+    With `target_caption` (the caption_first format): `<bos> <boi> src.. <eoi> instruction <eos> target_caption <boi>
+    tgt.. <eoi>`, loss on `target_caption <boi> tgt.. <eoi>`. A null instruction drops the caption too: the null
+    prompt of guidance stays `<bos> <boi> src <eoi> <null> <boi>` in both formats.
+    """
+    if instruction is not None and target_caption is not None:
+        prefix = [ids.bos, ids.boi, *source, ids.eoi, *instruction, ids.eos]
+        span = [*target_caption, ids.boi, *target, ids.eoi]
+        return prefix + span, _masked(prefix) + span
     text = instruction if instruction is not None else [ids.null]
     prefix = [ids.bos, ids.boi, *source, ids.eoi, *text, ids.boi]
     span = [*target, ids.eoi]
@@ -166,6 +189,7 @@ def build_batch(
     texts: Sequence[Sequence[int]],
     null: Sequence[bool] | None = None,
     edit_targets: torch.Tensor | None = None,
+    edit_captions: Sequence[Sequence[int] | None] | None = None,
 ) -> SequenceBatch:
     """One sequence per row in its task's format, right-padded.
 
@@ -175,10 +199,14 @@ def build_batch(
             instruction (edit).
         null: per row, replace the text condition by `<null>` (ignored for i2t, whose text is the target).
         edit_targets: (B, T) visual ids of the edited images; required when a row's task is edit.
+        edit_captions: per row, the text ids of the edited image's caption (the caption_first edit format), or
+            None for the direct format.
     """
     b = len(tasks)
     if images.shape[0] != b or len(texts) != b:
         raise ValueError(f"{b} tasks but {images.shape[0]} images and {len(texts)} texts")
+    if edit_captions is not None and len(edit_captions) != b:
+        raise ValueError(f"{b} tasks but {len(edit_captions)} edit captions")
     null = [False] * b if null is None else list(null)
     image_rows = images.tolist()  # one host copy per batch; the formats are list operations
     target_rows = edit_targets.tolist() if edit_targets is not None else None
@@ -194,7 +222,8 @@ def build_batch(
         elif task == "edit":
             if target_rows is None:
                 raise ValueError("an edit sequence needs edit_targets (the edited images' visual ids)")
-            examples.append(edit(ids, image_rows[row], text, target_rows[row]))
+            caption = edit_captions[row] if edit_captions is not None else None
+            examples.append(edit(ids, image_rows[row], text, target_rows[row], caption))
         else:
             raise ValueError(f"unknown task {task!r}; choose from {TASKS}")
     return pad_batch(examples, tasks, ids.pad)

@@ -48,6 +48,7 @@ from torchmetrics import Metric
 
 from ddt_lightning.mllm.lm import LMConfig, build_causal_lm
 from ddt_lightning.mllm.sequences import (
+    EDIT_FORMATS,
     IGNORE_INDEX,
     TASKS,
     SequenceBatch,
@@ -126,6 +127,7 @@ class MLLMModule(L.LightningModule):
         length_groups: int = 2,
         image_loss_weight: float = 1.0,
         visual_embedding_init: Literal["random", "codebook"] = "random",
+        edit_format: Literal["direct", "caption_first"] = "direct",
         seed: int = 0,
     ) -> None:
         """
@@ -157,6 +159,9 @@ class MLLMModule(L.LightningModule):
                 input embedding and the output head, start as the DDT codebook's vectors through a fixed random
                 orthonormal map to the LM's width (norms matched to the LM's init), so codes that are close in the
                 tokenizer start close in the LM. Needs `tokenizer_path`; a checkpoint's weights override it.
+            edit_format: `direct` (the target image right after the instruction) or `caption_first`: the LM first
+                writes the edited scene's caption, then draws it (`mllm.sequences.edit`); needs the batch field
+                `edit_caption` (the world's edits carry it).
         """
         super().__init__()
         self.save_hyperparameters()
@@ -174,6 +179,8 @@ class MLLMModule(L.LightningModule):
             raise ValueError(f"image_loss_weight must be > 0, got {image_loss_weight}")
         if visual_embedding_init not in ("random", "codebook"):
             raise ValueError(f"visual_embedding_init must be random or codebook, got {visual_embedding_init!r}")
+        if edit_format not in EDIT_FORMATS:
+            raise ValueError(f"edit_format must be one of {EDIT_FORMATS}, got {edit_format!r}")
         if visual_embedding_init == "codebook" and tokenizer_path is None:
             raise ValueError("visual_embedding_init = codebook needs model.init_args.tokenizer_path (the codebook)")
         self.lm_config = None if pretrained is not None else (lm or LMConfig())
@@ -338,10 +345,14 @@ class MLLMModule(L.LightningModule):
             raise ValueError(f"got {codes.shape[1]} codes per image, expected T = {self.num_tokens}")
         return codes, targets
 
+    def _fields(self, task: str) -> tuple[str, ...]:
+        caption_first = task == "edit" and self.hparams.edit_format == "caption_first"
+        return (*TASK_FIELDS[task], "edit_caption") if caption_first else TASK_FIELDS[task]
+
     def _texts(self, batch: dict, tasks: list[str]) -> list[list[int]]:
         """Per row, the text ids its task conditions on or predicts."""
         for task in sorted(set(tasks)):
-            missing = [key for key in TASK_FIELDS[task] if key not in batch]
+            missing = [key for key in self._fields(task) if key not in batch]
             if missing:
                 raise ValueError(
                     f"task {task!r} (model.init_args.tasks) needs batch fields {missing}, got {list(batch)}"
@@ -369,7 +380,16 @@ class MLLMModule(L.LightningModule):
         visual = self.vocab.visual_id(ordered)  # (B or 2B, T) vocabulary ids
         texts = self._texts(batch, tasks)
         edit_targets = visual[b:] if targets is not None else None
-        return build_batch(self.vocab.ids, tasks, visual[:b], texts, null, edit_targets).to(self.device)
+        edit_captions = None
+        if self.hparams.edit_format == "caption_first" and "edit" in tasks:
+            rows = [row for row, task in enumerate(tasks) if task == "edit"]
+            encoded = self.vocab.encode_text([batch["edit_caption"][row] for row in rows], self.hparams.max_text_tokens)
+            edit_captions = [None] * b
+            for row, ids in zip(rows, encoded):
+                edit_captions[row] = ids
+        return build_batch(
+            self.vocab.ids, tasks, visual[:b], texts, null, edit_targets, edit_captions=edit_captions
+        ).to(self.device)
 
     def token_nll(self, seq: SequenceBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token NLL (B, L) of the next token and its mask (B, L); Hugging Face's loss is their ratio."""
@@ -513,6 +533,7 @@ class MLLMModule(L.LightningModule):
             "num_tokens": self.num_tokens,
             "num_codes": self.num_codes,
             "token_order": self.order.to_dict(),
+            "edit_format": self.hparams.edit_format,
             "tasks": self.mix.ratios,
             "p_null": self.hparams.p_null,
             "max_text_tokens": self.hparams.max_text_tokens,
