@@ -12,7 +12,14 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from ddt_lightning.bench.generate import main as bench_generate_main
-from ddt_lightning.mllm.generation import ImageSpan, generate_image_tokens, generate_text, left_pad
+from ddt_lightning.mllm.generation import (
+    ImageSpan,
+    generate_image_tokens,
+    generate_text,
+    left_pad,
+    sequence_log_likelihood,
+)
+from ddt_lightning.mllm.sequences import SpecialIds, image_to_text, text_to_image
 
 TEXT_VOCAB, NUM_CODES, NUM_TOKENS = 50, 40, 6
 BOS, EOS = 1, 2
@@ -252,10 +259,35 @@ def test_beam_search_finds_the_caption_greedy_decoding_misses(model: LlamaForCau
         greedy = generate_text(model, prompts, EOS, 2, SPAN)
         beams = generate_text(model, prompts, EOS, 2, SPAN, num_beams=3)
         one_beam = generate_text(model, prompts, EOS, 2, SPAN, num_beams=1)
+        ranked = generate_text(model, prompts, EOS, 2, SPAN, num_beams=3, num_return_sequences=3)
     assert greedy == one_beam == [[A, C], [A, C]]
     assert beams == [[B], [B]]
+    # Every prompt's hypotheses, prompt after prompt, the best first; all distinct.
+    assert len(ranked) == 6 and ranked[0] == ranked[3] == [B]
+    assert all(len({tuple(r) for r in ranked[i : i + 3]}) == 3 for i in (0, 3))
     with pytest.raises(ValueError, match="num_beams"):
         generate_text(model, prompts, EOS, 2, SPAN, num_beams=0)
+    with pytest.raises(ValueError, match="num_return_sequences"):
+        generate_text(model, prompts, EOS, 2, SPAN, num_beams=2, num_return_sequences=3)
+
+
+def test_sequence_log_likelihood_is_the_summed_loss_of_each_sequence_alone(model: LlamaForCausalLM) -> None:
+    ids = SpecialIds(pad=0, bos=BOS, eos=EOS, null=3, boi=BOI, eoi=EOI, visual_offset=LO, num_codes=NUM_CODES)
+    image = [LO + c for c in (4, 9, 1, 30, 2, 17)]
+    examples = [
+        text_to_image(ids, [7, 8, 9], image),  # log p(image <eoi> | caption)
+        image_to_text(ids, image, [11, 12, 13, 14, 15]),  # log p(caption <eos> | image): a longer sequence
+        text_to_image(ids, None, image),  # the null prompt
+    ]
+    scores = sequence_log_likelihood(model, examples, pad_id=0, batch_size=2)  # right padding inside a batch
+    for (input_ids, labels), score in zip(examples, scores):
+        with torch.inference_mode():
+            loss = model(input_ids=torch.tensor([input_ids]), labels=torch.tensor([labels])).loss  # mean over span
+        span = sum(label != -100 for label in labels) - (labels[0] != -100)
+        assert score.item() == pytest.approx(-loss.item() * span, rel=1e-5)
+    assert scores[0] != pytest.approx(scores[2].item())  # the caption conditions the image
+    with pytest.raises(ValueError, match="batch_size"):
+        sequence_log_likelihood(model, examples, pad_id=0, batch_size=0)
 
 
 def test_bench_generate_prints_json(capsys: pytest.CaptureFixture[str]) -> None:

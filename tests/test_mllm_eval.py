@@ -24,7 +24,7 @@ from ddt_lightning.mllm.evaluate import evaluate_world
 from ddt_lightning.mllm.generation import generate_image_tokens
 from ddt_lightning.mllm.lm import LMConfig
 from ddt_lightning.mllm.model import DDTLlama
-from ddt_lightning.mllm.sequences import TokenOrder
+from ddt_lightning.mllm.sequences import TokenOrder, image_to_text, text_to_image
 from ddt_lightning.tokenizer import DDTTokenizer, TokenizerConfig
 
 T, K, RES = 8, 64, 16
@@ -182,6 +182,38 @@ def test_caption_is_text_only_even_when_non_text_ids_dominate(model, monkeypatch
     assert new_ids and all(i < vocab.visual_offset and i not in specials for i in new_ids)
     assert all(len(row) == 4 for row in decoded[0])  # cut at <eos>
     assert not any("<v" in c or "<boi>" in c for c in captions)
+
+
+def test_reranked_captions_maximise_both_directions_of_the_lm(model, monkeypatch):
+    # The chosen caption of each image is the hypothesis c maximising log p(c <eos> | image) + w log p(image | c),
+    # recomputed here one unpadded sequence at a time with the LM's own loss; w = 0 keeps beam search's top beam.
+    vocab, ids, lm = model.vocab, model.vocab.ids, model.lm
+    images, _ = world_images(6)
+    codes = model.ddt.encode(images)
+    seen = []
+    generate = model_module.generate_text
+    monkeypatch.setattr(model_module, "generate_text", lambda *a, **k: seen.append(generate(*a, **k)) or seen[-1])
+
+    def log_p(input_ids: list[int], labels: list[int]) -> float:
+        with torch.inference_mode():
+            loss = lm(input_ids=torch.tensor([input_ids]), labels=torch.tensor([labels])).loss
+        return -loss.item() * (sum(label != -100 for label in labels) - (labels[0] != -100))
+
+    chosen = {w: model.caption_codes(codes, num_beams=4, rerank=w) for w in (0.0, 1.0, 100.0)}
+    hypotheses = seen[1]  # the same beams for every weight > 0 (beam search is deterministic)
+    assert len(seen[0]) == 6 and len(hypotheses) == 24 and seen[2] == hypotheses
+    assert chosen[0.0] == vocab.decode_text(seen[0]) == vocab.decode_text(hypotheses[::4])  # the top beams
+    rows = model._visual_rows(codes, None)
+    for w in (1.0, 100.0):
+        expected = []
+        for i, row in enumerate(rows):
+            beams = hypotheses[4 * i : 4 * i + 4]
+            score = [log_p(*image_to_text(ids, row, c)) + w * log_p(*text_to_image(ids, c, row)) for c in beams]
+            expected.append(beams[int(np.argmax(score))])
+        assert chosen[w] == vocab.decode_text(expected)
+    assert chosen[100.0] != chosen[0.0]  # the check can tell: reranking changed some caption
+    with pytest.raises(ValueError, match="rerank"):
+        model.caption_codes(codes, rerank=-1.0)
 
 
 def test_edit_uses_the_instruction_and_the_null_instruction(model, monkeypatch):
@@ -439,20 +471,36 @@ def test_every_entry_point_decodes_with_the_main_jobs_decoder_guidance(monkeypat
     assert defaults == dict.fromkeys(defaults, expected)
 
 
-def test_every_caption_entry_point_uses_the_same_beam_width(monkeypatch):
+def test_every_caption_entry_point_uses_the_same_beams_and_reranking(monkeypatch):
     # As with the decoder's guidance: a caption figure from the API, a command or the pipeline must mean the same.
     import inspect
 
     import ddt_lightning.mllm.commands as commands
     from ddt_lightning.pipeline import run_pipeline
 
-    expected = model_module.DEFAULT_CAPTION_BEAMS
-    assert expected > 1  # beam search, not greedy decoding (README, "Sampling")
+    expected = {"beams": model_module.DEFAULT_CAPTION_BEAMS, "rerank": model_module.DEFAULT_CAPTION_RERANK}
+    assert expected["beams"] > 1 and expected["rerank"] > 0  # reranked beams (README, "Sampling")
+
+    def default(function, name):
+        return inspect.signature(function).parameters[name].default
+
     defaults = {
-        "DDTLlama.caption": inspect.signature(DDTLlama.caption).parameters["num_beams"].default,
-        "DDTLlama.caption_codes": inspect.signature(DDTLlama.caption_codes).parameters["num_beams"].default,
-        "evaluate_world": inspect.signature(evaluate_world).parameters["caption_beams"].default,
-        "run_pipeline": inspect.signature(run_pipeline).parameters["caption_beams"].default,
+        "DDTLlama.caption": {
+            "beams": default(DDTLlama.caption, "num_beams"),
+            "rerank": default(DDTLlama.caption, "rerank"),
+        },
+        "DDTLlama.caption_codes": {
+            "beams": default(DDTLlama.caption_codes, "num_beams"),
+            "rerank": default(DDTLlama.caption_codes, "rerank"),
+        },
+        "evaluate_world": {
+            "beams": default(evaluate_world, "caption_beams"),
+            "rerank": default(evaluate_world, "caption_rerank"),
+        },
+        "run_pipeline": {
+            "beams": default(run_pipeline, "caption_beams"),
+            "rerank": default(run_pipeline, "caption_rerank"),
+        },
     }
     seen = {}
     monkeypatch.setattr(commands, "_image_paths", lambda parser, images: [Path("x.png")])
@@ -461,18 +509,18 @@ def test_every_caption_entry_point_uses_the_same_beam_width(monkeypatch):
         seen.clear()
         with pytest.raises(SystemExit):
             main(["--model", "x"])
-        defaults[name] = seen["num_beams"]
+        defaults[name] = {"beams": seen["num_beams"], "rerank": seen["rerank"]}
     assert defaults == dict.fromkeys(defaults, expected)
 
-    # ... and the evaluation hands its width to the model.
+    # ... and the evaluation hands its settings to the model.
     class Recorder(Oracle):
         def caption(self, images, **options):
             seen["caption_options"] = options
             return super().caption(images, **options)
 
     options = dict(num_prompts=0, num_captions=2, num_edits=0, progress=False)
-    evaluate_world(Recorder(seed=1), seed=1, caption_beams=3, **options)
-    assert seen["caption_options"]["num_beams"] == 3
+    evaluate_world(Recorder(seed=1), seed=1, caption_beams=3, caption_rerank=0.5, **options)
+    assert seen["caption_options"]["num_beams"] == 3 and seen["caption_options"]["rerank"] == 0.5
 
 
 def test_every_image_entry_point_samples_at_the_same_temperature(monkeypatch):

@@ -35,6 +35,7 @@ from ddt_lightning.images import make_grid, save_png
 from ddt_lightning.mllm.evaluate import evaluate_world, to_numpy_images
 from ddt_lightning.mllm.model import (
     DEFAULT_CAPTION_BEAMS,
+    DEFAULT_CAPTION_RERANK,
     DEFAULT_DECODE_GUIDANCE,
     DEFAULT_IMAGE_TEMPERATURE,
     DDTLlama,
@@ -68,6 +69,12 @@ def _beams_argument(parser: ArgumentParser) -> None:
         type=int,
         default=DEFAULT_CAPTION_BEAMS,
         help="beam search width of the captions (1: greedy; default: the main job's)",
+    )
+    parser.add_argument(
+        "--rerank",
+        type=float,
+        default=DEFAULT_CAPTION_RERANK,
+        help="pick among the beams by log p(caption | image) + RERANK * log p(image | caption) (0: the top beam)",
     )
 
 
@@ -282,9 +289,11 @@ def main_caption(argv: list[str] | None = None) -> int:
             batch_size=args.batch_size,
             progress=True,
             num_beams=args.num_beams,
+            rerank=args.rerank,
         )
         rows = [{"image": str(p), "caption": c} for p, c in zip(paths, captions)]
         header = {"model": args.model, "seed": args.seed, "do_sample": args.do_sample, "num_beams": args.num_beams}
+        header["rerank"] = args.rerank
         text = json.dumps(header | {"items": rows}, indent=2)
         if args.output:
             folder = Path(args.output)
@@ -364,6 +373,7 @@ def main_evaluate(argv: list[str] | None = None) -> int:
             decode_steps=args.decode_steps,
             decode_guidance=args.decode_guidance,
             caption_beams=args.num_beams,
+            caption_rerank=args.rerank,
             batch_size=args.batch_size,
             generator_seed=args.seed,
             ceilings=args.ceilings,

@@ -47,7 +47,12 @@ from ddt_lightning.geneval import (
     score_image,
 )
 from ddt_lightning.images import make_grid, to_uint8
-from ddt_lightning.mllm.model import DEFAULT_CAPTION_BEAMS, DEFAULT_DECODE_GUIDANCE, DEFAULT_IMAGE_TEMPERATURE
+from ddt_lightning.mllm.model import (
+    DEFAULT_CAPTION_BEAMS,
+    DEFAULT_CAPTION_RERANK,
+    DEFAULT_DECODE_GUIDANCE,
+    DEFAULT_IMAGE_TEMPERATURE,
+)
 
 
 def to_numpy_images(images: torch.Tensor) -> np.ndarray:
@@ -133,6 +138,7 @@ def evaluate_world(
     decode_guidance: float = DEFAULT_DECODE_GUIDANCE,
     max_new_tokens: int = 64,
     caption_beams: int = DEFAULT_CAPTION_BEAMS,
+    caption_rerank: float = DEFAULT_CAPTION_RERANK,
     batch_size: int = 16,
     generator_seed: int = 0,
     ceilings: bool = True,
@@ -148,6 +154,7 @@ def evaluate_world(
         guidance, edit_guidance: classifier-free guidance of text-to-image and of edits (default: `guidance`).
         generator_seed: seeds one CPU-or-device generator per task, so a task's images do not depend on the others.
         caption_beams: beam search width of the captions (1: greedy).
+        caption_rerank: weight of log p(image | caption) when the beams are reranked (0: the top beam).
         ceilings: also score the DDT tokenizer's reconstructions of the ground truth (`ceiling/...`).
         num_samples: images per task kept in `samples` for grids.
     """
@@ -202,6 +209,7 @@ def evaluate_world(
             batch_size=batch_size,
             progress=progress,
             num_beams=caption_beams,
+            rerank=caption_rerank,
         )
         correct = [caption_accuracy(text, s.scene) for text, s in zip(predicted, samples)]
         scores["caption_accuracy"] = float(np.mean(correct))

@@ -10,7 +10,10 @@ id = `visual_offset` + code). Generation follows section 2 of design.md:
   null prompts batched beside the conditional ones so that each step is one forward of 2B rows; `s = 1` skips the
   unconditional half. Temperature, top-k and top-p are transformers' own logits warpers, in transformers' order.
 - **Captions** (`generate_text`, image-to-text): `model.generate` with a logits processor that forbids visual ids,
-  `<boi>` and `<eoi>`; greedy by default; rows are cut at `<eos>`.
+  `<boi>` and `<eoi>`; greedy by default, beam search with `num_beams` (all beams with `num_return_sequences`); rows
+  are cut at `<eos>`.
+- **Scores** (`sequence_log_likelihood`): the log-likelihood of a training-format sequence's loss span, for
+  reranking (`DDTLlama.caption` picks among its beams by both directions of the LM).
 
 Prompts of different lengths are left-padded with an attention mask; position ids are passed explicitly (the
 number of real tokens before each one, as `GenerationMixin` does), so that a padded row computes what it would
@@ -36,6 +39,8 @@ from transformers import (
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
+
+from ddt_lightning.mllm.sequences import IGNORE_INDEX, Example, pad_batch
 
 # A batch of prompts: a (B, L) LongTensor (with an optional (B, L) mask for left padding) or one list of ids per row.
 Prompts = torch.Tensor | Sequence[Sequence[int]]
@@ -296,6 +301,7 @@ def generate_text(
     top_k: int | None = None,
     top_p: float | None = None,
     num_beams: int = 1,
+    num_return_sequences: int = 1,
 ) -> list[list[int]]:
     """Continue each prompt with text (captioning: `<bos> <boi> v... <eoi>`): the new ids per row, cut before `<eos>`.
 
@@ -303,6 +309,8 @@ def generate_text(
     `num_beams` hypotheses rather than the greedy one; seed sampling with `torch.manual_seed`). Visual ids can never be
     emitted, nor `<boi>`/`<eoi>` when an `ImageSpan` is given (a bare `range` forbids just that id range), nor
     `forbid_ids` (for example `<pad>`, `<null>` and the embedding rows that only pad the vocabulary).
+    `num_return_sequences` > 1 returns that many continuations per prompt (the best beams first, at most
+    `num_beams` of them unless sampling), prompt after prompt: row `i * num_return_sequences + j`.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -319,12 +327,17 @@ def generate_text(
         logits_warpers(temperature, top_k, top_p)  # validates the arguments with our messages
     if not isinstance(num_beams, int) or num_beams < 1:
         raise ValueError(f"num_beams must be an integer >= 1, got {num_beams!r}")
+    if not isinstance(num_return_sequences, int) or num_return_sequences < 1:
+        raise ValueError(f"num_return_sequences must be an integer >= 1, got {num_return_sequences!r}")
+    if not do_sample and num_return_sequences > num_beams:
+        raise ValueError(f"num_return_sequences ({num_return_sequences}) > num_beams ({num_beams}) without sampling")
     ids, real = left_pad(prompt_ids, prompt_mask, pad_id=eos_id, name="prompt_ids")
     device = _device(model)
     config = GenerationConfig(
         max_new_tokens=max_new_tokens,
         do_sample=do_sample,
         num_beams=num_beams,
+        num_return_sequences=num_return_sequences,
         eos_token_id=eos_id,
         pad_token_id=eos_id,
         use_cache=True,
@@ -341,3 +354,26 @@ def generate_text(
     for row in out[:, ids.shape[1] :].tolist():
         result.append(row[: row.index(eos_id)] if eos_id in row else row)
     return result
+
+
+@torch.inference_mode()
+def sequence_log_likelihood(
+    model: nn.Module, examples: Sequence[Example], pad_id: int, batch_size: int = 64
+) -> torch.Tensor:
+    """log p(labelled ids | what precedes them) of each training-format sequence, summed over its loss span: (N,)
+    float32 on the CPU. For example `text_to_image(ids, caption, image)` scores log p(image | caption) and
+    `image_to_text(ids, image, caption)` log p(caption <eos> | image). Right-padded batches of `batch_size`."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    device, out = _device(model), []
+    for start in range(0, len(examples), batch_size):
+        part = examples[start : start + batch_size]
+        batch = pad_batch(part, ["t2i"] * len(part), pad_id)  # the task label is not used here
+        logits = model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device)).logits[
+            :, :-1
+        ]  # (b, L - 1, V): position i predicts id i + 1
+        labels = batch.labels[:, 1:].to(device)  # (b, L - 1)
+        scored = labels != IGNORE_INDEX
+        log_p = torch.log_softmax(logits.float(), dim=-1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        out.append((log_p * scored).sum(dim=1).cpu())
+    return torch.cat(out) if out else torch.zeros(0)

@@ -34,7 +34,7 @@ import torch
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from ddt_lightning.mllm.generation import ImageSpan, generate_image_tokens, generate_text
+from ddt_lightning.mllm.generation import ImageSpan, generate_image_tokens, generate_text, sequence_log_likelihood
 from ddt_lightning.mllm.sequences import (
     EDIT_FORMATS,
     IGNORE_INDEX,
@@ -61,7 +61,10 @@ DEFAULT_DECODE_GUIDANCE = 2.0
 DEFAULT_IMAGE_TEMPERATURE = 0.25
 # Captions are decoded by beam search over this many hypotheses by every entry point (the API, `ddt caption`,
 # `ddt evaluate`, the pipeline), so their figures agree; 1 is greedy decoding.
-DEFAULT_CAPTION_BEAMS = 4
+DEFAULT_CAPTION_BEAMS = 8
+# ... and the beams are reranked by log p(caption | image) + DEFAULT_CAPTION_RERANK * log p(image | caption), the same
+# LM read in its text-to-image direction (0: beam search's own pick). README, "Captions checked by drawing them".
+DEFAULT_CAPTION_RERANK = 1.0
 DEFAULT_MAX_TEXT_TOKENS = 64  # MLLMModule's `max_text_tokens` default: captions and instructions are cut to this
 
 
@@ -353,15 +356,21 @@ class DDTLlama:
         batch_size: int = 32,
         progress: bool = False,
         num_beams: int = DEFAULT_CAPTION_BEAMS,
+        rerank: float = DEFAULT_CAPTION_RERANK,
     ) -> list[str]:
         """A caption per image (B, 3, R, R) in [-1, 1]: beam search over `num_beams` hypotheses (1: greedy), or
-        sampling with `do_sample`. Only text ids can be emitted."""
+        sampling with `do_sample` (beam sampling with `num_beams` > 1). Only text ids can be emitted.
+
+        With `rerank` > 0 and more than one beam, the caption is the hypothesis c of the `num_beams` returned that
+        maximises log p(c | image) + rerank * log p(image | c): the LM scores how well each caption would draw the
+        image's tokens, a check that beam search alone (which reads only the first term) cannot make. It costs one
+        forward pass per hypothesis."""
         images = self._check_images(images)
         captions: list[str] = []
         for part in _bar(_chunks(images.shape[0], batch_size), "captions", progress):
             codes = self.ddt.encode(images[part])
             captions += self.caption_codes(
-                codes, max_new_tokens, do_sample, temperature, top_k, top_p, generator, num_beams=num_beams
+                codes, max_new_tokens, do_sample, temperature, top_k, top_p, generator, num_beams, rerank
             )
         return captions
 
@@ -376,18 +385,24 @@ class DDTLlama:
         top_p: float | None = None,
         generator: torch.Generator | None = None,
         num_beams: int = DEFAULT_CAPTION_BEAMS,
+        rerank: float = DEFAULT_CAPTION_RERANK,
     ) -> list[str]:
         """`caption` from DDT codes (B, T) in DDT's order (pre-tokenized images), in one batch."""
+        rerank = float(rerank)
+        if not rerank >= 0.0:  # also NaN
+            raise ValueError(f"rerank must be >= 0 (0: beam search's own choice), got {rerank}")
         ids = self.vocab.ids
         # Every id from <v0> to the end of the logits is visual or padding; the specials are not text either.
         non_text = range(self.vocab.visual_offset, self.logits_width)
         specials = (ids.boi, ids.eoi, ids.null, ids.pad, ids.bos)
-        prompts = self.caption_prompts(codes, generator)
+        rows = self._visual_rows(codes, generator)  # the image's ids, as its caption prompt and its t2i target
+        prompts = [prompt_of(image_to_text(ids, row, [])) for row in rows]
+        returned = num_beams if rerank > 0 and num_beams > 1 else 1
         seeded = do_sample and generator is not None
         with torch.random.fork_rng(devices=[], enabled=seeded):
             if seeded:  # model.generate draws from the global RNG: seed it from `generator`, then restore it
                 torch.manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
-            rows = generate_text(
+            texts = generate_text(
                 self.lm,
                 prompts,
                 ids.eos,
@@ -399,8 +414,30 @@ class DDTLlama:
                 top_k=top_k,
                 top_p=top_p,
                 num_beams=num_beams,
+                num_return_sequences=returned,
             )
-        return self.vocab.decode_text(rows)
+        if returned > 1:
+            texts = self._rerank_captions(rows, texts, returned, rerank)
+        return self.vocab.decode_text(texts)
+
+    def _rerank_captions(
+        self, images: list[list[int]], hypotheses: list[list[int]], per_image: int, weight: float
+    ) -> list[list[int]]:
+        """The hypothesis c of each image v maximising log p(c <eos> | v) + weight * log p(v | c); `hypotheses` holds
+        `per_image` rows per image, best beam first (which wins ties). Both terms are the LM's own likelihoods of
+        its training formats (image-to-text and text-to-image), scored in one batch per term."""
+        ids, chosen = self.vocab.ids, []
+        # The t2i prompt holds the caption as training did: cut to max_text_tokens (a longer one is scored cut).
+        captions = [row[: self.max_text_tokens] for row in hypotheses]
+        forward = [image_to_text(ids, images[i // per_image], c) for i, c in enumerate(hypotheses)]
+        backward = [text_to_image(ids, c, images[i // per_image]) for i, c in enumerate(captions)]
+        score = sequence_log_likelihood(self.lm, forward, ids.pad) + weight * sequence_log_likelihood(
+            self.lm, backward, ids.pad
+        )  # (B * per_image,)
+        for i in range(len(images)):
+            best = int(torch.argmax(score[i * per_image : (i + 1) * per_image]))  # argmax: the first of equals
+            chosen.append(hypotheses[i * per_image + best])
+        return chosen
 
     @torch.inference_mode()
     def edit(
