@@ -39,7 +39,7 @@ class GenerationSamples(L.Callback):
         self,
         num_samples: int = 8,
         guidance: float = 3.0,
-        decode_steps: int = 8,
+        decode_steps: int = 4,  # mllm.model.DEFAULT_DECODE_STEPS (kept equal by a test)
         decode_guidance: float = 1.0,
         temperature: float = 1.0,
         top_k: int | None = None,

@@ -130,6 +130,7 @@ def run_pipeline(
     edit_guidance: float | None = None,
     temperature: float = 0.25,  # mllm.model.DEFAULT_IMAGE_TEMPERATURE
     top_k: int | None = None,
+    decode_steps: int = 4,  # mllm.model.DEFAULT_DECODE_STEPS
     decode_guidance: float = 2.0,
     caption_beams: int = 8,  # mllm.model.DEFAULT_CAPTION_BEAMS (not imported: this module loads no torch)
     caption_rerank: float = 1.0,  # mllm.model.DEFAULT_CAPTION_RERANK
@@ -148,8 +149,8 @@ def run_pipeline(
         num_prompts, num_captions, num_edits: held-out GenEval prompts, images to caption, edits to make.
         guidance, edit_guidance, temperature, top_k: sampling of the evaluation's image tokens (edit_guidance
             defaults to guidance).
-        decode_guidance: the DDT decoder's own guidance when it draws the generated tokens (the tokenizer's
-            sampler setting in configs/main.yaml).
+        decode_steps, decode_guidance: the DDT decoder's Euler steps and its own guidance when it draws the
+            generated tokens.
         caption_beams: beam search width of the evaluation's captions (1: greedy).
         caption_rerank: weight of log p(image | caption) when those beams are reranked (0: the top beam).
         seed: the evaluation's sampling seed.
@@ -203,7 +204,7 @@ def run_pipeline(
     args += ["--guidance", str(guidance), "--temperature", str(temperature), "--seed", str(seed)]
     args += ["--output", str(llm_dir / "evaluation")]
     args += ["--decode_guidance", str(decode_guidance), "--num_beams", str(caption_beams)]
-    args += ["--rerank", str(caption_rerank)]
+    args += ["--rerank", str(caption_rerank), "--decode_steps", str(decode_steps)]
     if edit_guidance is not None:
         args += ["--edit_guidance", str(edit_guidance)]
     if top_k is not None:

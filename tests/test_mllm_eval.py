@@ -471,6 +471,31 @@ def test_every_entry_point_decodes_with_the_main_jobs_decoder_guidance(monkeypat
     assert defaults == dict.fromkeys(defaults, expected)
 
 
+def test_every_entry_point_decodes_generated_tokens_in_the_same_steps(export, monkeypatch):
+    import inspect
+
+    from callbacks.samples import GenerationSamples
+    from ddt_lightning.pipeline import run_pipeline
+
+    expected = model_module.DEFAULT_DECODE_STEPS
+    defaults = {
+        "DDTLlama": inspect.signature(DDTLlama).parameters["decode_steps"].default,
+        "DDTLlama.from_pretrained (an export without decode_steps)": DDTLlama.from_pretrained(export[0]).decode_steps,
+        "run_pipeline": inspect.signature(run_pipeline).parameters["decode_steps"].default,
+        "GenerationSamples": inspect.signature(GenerationSamples).parameters["decode_steps"].default,
+    }
+    assert defaults == dict.fromkeys(defaults, expected)
+    # The API and the evaluation, left at their defaults, hand the decoder those steps.
+    seen = []
+    model = DDTLlama.from_pretrained(export[0])
+    monkeypatch.setattr(model.ddt, "decode", lambda codes, steps, guidance, generator: seen.append(steps) or 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        model.text_to_image(["a large red circle in the top left"])
+    with pytest.raises(ZeroDivisionError):
+        evaluate_world(model, num_prompts=1, num_captions=0, num_edits=0, progress=False)
+    assert seen == [expected, expected]
+
+
 def test_every_caption_entry_point_uses_the_same_beams_and_reranking(monkeypatch):
     # As with the decoder's guidance: a caption figure from the API, a command or the pipeline must mean the same.
     import inspect

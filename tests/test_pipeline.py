@@ -53,13 +53,14 @@ def test_pipeline_runs_every_stage_then_reuses_them(tmp_path, monkeypatch, capsy
     assert len(names) == 3 and "evaluate" in names  # tokenizer fit, LLM fit, evaluation: one experiment
     # The evaluation samples as the pipeline's config says (pipeline_micro.yaml), not at the commands' defaults.
     evaluation = next(r for r in client.search_runs([experiment.experiment_id]) if r.info.run_name == "evaluate")
-    keys = ("guidance", "temperature", "num_beams", "rerank", "decode_guidance")
+    keys = ("guidance", "temperature", "num_beams", "rerank", "decode_steps", "decode_guidance")
     sampling = {k: evaluation.data.params.get(k) for k in keys}
     assert sampling == {
         "guidance": "2.0",
         "temperature": "0.7",
         "num_beams": "2",
         "rerank": "0.5",
+        "decode_steps": "2",
         "decode_guidance": "1.5",
     }
     # The LLM's validations logged GenerationSamples (pretokenized: decoded with the exported DDT tokenizer).
