@@ -429,7 +429,7 @@ class DDTLlama:
     ) -> list[list[int]]:
         """The hypothesis c of each image v maximising log p(c <eos> | v) + weight * log p(v | c); `hypotheses` holds
         `per_image` rows per image, best beam first (which wins ties). Both terms are the LM's own likelihoods of
-        its training formats (image-to-text and text-to-image), scored in one batch per term."""
+        its training formats (image-to-text and text-to-image), scored in padded batches."""
         ids, chosen = self.vocab.ids, []
         # The t2i prompt holds the caption as training did: cut to max_text_tokens (a longer one is scored cut).
         captions = [row[: self.max_text_tokens] for row in hypotheses]
