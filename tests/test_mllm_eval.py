@@ -474,7 +474,7 @@ def test_every_entry_point_decodes_with_the_main_jobs_decoder_guidance(monkeypat
 def test_every_entry_point_decodes_generated_tokens_in_the_same_steps(export, monkeypatch):
     import inspect
 
-    from callbacks.samples import GenerationSamples
+    from ddt_lightning.callbacks import GenerationSamples
     from ddt_lightning.pipeline import run_pipeline
 
     expected = model_module.DEFAULT_DECODE_STEPS
