@@ -29,6 +29,7 @@ from dataclasses import dataclass, fields
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from tqdm import tqdm
 from transformers import (
     DynamicCache,
@@ -369,11 +370,10 @@ def sequence_log_likelihood(
     for start in range(0, len(examples), batch_size):
         part = examples[start : start + batch_size]
         batch = pad_batch(part, ["t2i"] * len(part), pad_id)  # the task label is not used here
-        logits = model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device)).logits[
-            :, :-1
-        ]  # (b, L - 1, V): position i predicts id i + 1
-        labels = batch.labels[:, 1:].to(device)  # (b, L - 1)
-        scored = labels != IGNORE_INDEX
-        log_p = torch.log_softmax(logits.float(), dim=-1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        out.append((log_p * scored).sum(dim=1).cpu())
+        logits = model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device)).logits
+        labels = batch.labels[:, 1:].to(device)  # (b, L - 1): position i predicts id i + 1
+        nll = F.cross_entropy(
+            logits[:, :-1].float().transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none"
+        )
+        out.append(-nll.sum(dim=1).cpu())  # ignored positions contribute 0
     return torch.cat(out) if out else torch.zeros(0)

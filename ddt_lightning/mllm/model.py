@@ -236,7 +236,11 @@ class DDTLlama:
 
     def caption_prompts(self, codes: torch.Tensor, generator: torch.Generator | None = None) -> list[list[int]]:
         """`<bos> <boi> v.. <eoi>` per image of codes (B, T) in DDT's order."""
-        return [prompt_of(image_to_text(self.vocab.ids, row, [])) for row in self._visual_rows(codes, generator)]
+        return self._caption_prompts(self._visual_rows(codes, generator))
+
+    def _caption_prompts(self, rows: list[list[int]]) -> list[list[int]]:
+        """`<bos> <boi> v.. <eoi>` per row of visual ids, already in the trained token order."""
+        return [prompt_of(image_to_text(self.vocab.ids, row, [])) for row in rows]
 
     def edit_prompts(
         self, codes: torch.Tensor, instructions: Sequence[str] | None, generator: torch.Generator | None = None
@@ -400,7 +404,7 @@ class DDTLlama:
         non_text = range(self.vocab.visual_offset, self.logits_width)
         specials = (ids.boi, ids.eoi, ids.null, ids.pad, ids.bos)
         rows = self._visual_rows(codes, generator)  # the image's ids, as its caption prompt and its t2i target
-        prompts = [prompt_of(image_to_text(ids, row, [])) for row in rows]
+        prompts = self._caption_prompts(rows)
         returned = num_beams if rerank > 0 and num_beams > 1 else 1
         seeded = do_sample and generator is not None
         with torch.random.fork_rng(devices=[], enabled=seeded):
