@@ -24,6 +24,7 @@ import torch
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import MLFlowLogger
 
+from ddt_lightning.runtime import flush_denormals
 from ddt_lightning.tracking import MLflowLogger
 
 JSON_KEYS = ("psnr_onestep", "psnr_sampler", "sampler_steps", "usage", "prefix_psnr")
@@ -115,6 +116,7 @@ COMMANDS = {
 
 
 def main(args=None) -> None:
+    flush_denormals()  # first: before torch starts its thread pool (runtime.py)
     argv = sys.argv[1:] if args is None else list(args)
     torch.set_float32_matmul_precision("high")
     if argv and argv[0] in COMMANDS:

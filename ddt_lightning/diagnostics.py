@@ -37,6 +37,7 @@ from ddt_lightning.geneval import attribute_agreement, detect_objects, geneval_s
 from ddt_lightning.models.decoder import DDTDecoder, guided
 from ddt_lightning.models.schedule import euler_sample, sample_time
 from ddt_lightning.modules.optim import warmup_cosine
+from ddt_lightning.runtime import flush_denormals
 from ddt_lightning.tokenizer import DDTTokenizer, edge_loss
 
 ORACLE_DIM = 16  # one-hot shape (4), colour (6), size (2), centre x, y in [-1, 1], presence flag; one zero
@@ -253,6 +254,7 @@ def shape_probe(
 
 
 def main(argv: list[str] | None = None) -> int:
+    flush_denormals()  # first: before torch starts its thread pool (runtime.py)
     parser = argparse.ArgumentParser(prog="python -m ddt_lightning.diagnostics", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     oracle = commands.add_parser("oracle", help="train a decoder on oracle tokens and read its samples back")

@@ -27,6 +27,7 @@ from ddt_lightning.data.images import uint8_to_tensor
 from ddt_lightning.data.world import World, render, render_shape_labels
 from ddt_lightning.models.perceptual import FeatureNet, FeatureNetConfig
 from ddt_lightning.modules.optim import warmup_cosine
+from ddt_lightning.runtime import flush_denormals
 
 
 def world_shape_data(seed: int, split_id: int, count: int, resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,6 +103,7 @@ def train_and_save(
 
 
 def main(argv: list[str] | None = None) -> int:
+    flush_denormals()  # first: before torch starts its thread pool (runtime.py)
     parser = argparse.ArgumentParser(prog="python -m ddt_lightning.perceptual", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="train a feature net on the built-in world and save it")

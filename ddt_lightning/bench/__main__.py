@@ -11,6 +11,8 @@ from __future__ import annotations
 import importlib
 import sys
 
+from ddt_lightning.runtime import flush_denormals
+
 BENCHES = {
     "vq": "ddt_lightning.bench.vq",
     "train": "ddt_lightning.bench.train",
@@ -19,6 +21,7 @@ BENCHES = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    flush_denormals()  # first: before torch starts its thread pool (runtime.py)
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in BENCHES:
         got = f"unknown bench {argv[0]!r}; " if argv and argv[0] not in ("-h", "--help") else ""

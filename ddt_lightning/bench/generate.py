@@ -163,7 +163,6 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.prompt_len < 2:
         parser.error("--prompt-len must be >= 2 (<bos> and <boi>)")
-    torch.set_flush_denormal(True)
     with torch_threads(args.threads):
         result = run(
             args.batch_size,

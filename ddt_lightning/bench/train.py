@@ -111,7 +111,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
-    torch.set_flush_denormal(True)
     with torch_threads(args.threads):
         result = run(args.batch_size, args.steps, args.windows, args.compile, args.preset)
     print(json.dumps(result), flush=True)
