@@ -1,9 +1,11 @@
-"""Shared test set-up: fp32 CPU defaults and denormal flushing, as the training entry points use."""
+"""Shared test set-up: fp32 CPU defaults and denormal flushing, as the entry points set it (runtime.py)."""
 
 import pytest
 import torch
 
-torch.set_flush_denormal(True)
+from ddt_lightning.runtime import flush_denormals
+
+flush_denormals()
 
 
 @pytest.fixture(autouse=True)
