@@ -126,6 +126,7 @@ class MLLMModule(L.LightningModule):
         grad_clip_norm: float | None = 1.0,
         length_groups: int = 2,
         image_loss_weight: float = 1.0,
+        condition_image_loss: float = 0.0,
         visual_embedding_init: Literal["random", "codebook"] = "random",
         edit_format: Literal["direct", "caption_first"] = "direct",
         seed: int = 0,
@@ -155,6 +156,10 @@ class MLLMModule(L.LightningModule):
                 `<eoi>`) weighing 1 (Emu3 weighs vision tokens 0.5): the objective is the weighted mean NLL. With
                 32 visual labels per image against a caption's ~20 text labels, a weight below 1 gives captioning
                 a larger share of the gradient without changing the task mix. Logged NLLs stay unweighted.
+            condition_image_loss: weight in the training objective of the visual tokens of the *condition* images
+                (the image of image-to-text, the source of an edit), which the formats leave unscored (0: as the
+                formats say). Their logits are computed anyway, so a weight > 0 adds unconditional image modelling
+                at no extra cost (logged as `train/loss_condition_image`; validation and test NLLs leave it out).
             visual_embedding_init: `random` (the LM's own init) or `codebook`: the rows of the K visual ids, in the
                 input embedding and the output head, start as the DDT codebook's vectors through a fixed random
                 orthonormal map to the LM's width (norms matched to the LM's init), so codes that are close in the
@@ -177,6 +182,8 @@ class MLLMModule(L.LightningModule):
             raise ValueError(f"max_text_tokens must be >= 1, got {max_text_tokens}")
         if not image_loss_weight > 0:
             raise ValueError(f"image_loss_weight must be > 0, got {image_loss_weight}")
+        if not condition_image_loss >= 0:
+            raise ValueError(f"condition_image_loss must be >= 0, got {condition_image_loss}")
         if visual_embedding_init not in ("random", "codebook"):
             raise ValueError(f"visual_embedding_init must be random or codebook, got {visual_embedding_init!r}")
         if edit_format not in EDIT_FORMATS:
@@ -391,10 +398,12 @@ class MLLMModule(L.LightningModule):
             self.vocab.ids, tasks, visual[:b], texts, null, edit_targets, edit_captions=edit_captions
         ).to(self.device)
 
-    def token_nll(self, seq: SequenceBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-token NLL (B, L) of the next token and its mask (B, L); Hugging Face's loss is their ratio."""
+    def token_nll(self, seq: SequenceBatch, labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token NLL (B, L) of the next token and its mask (B, L); Hugging Face's loss is their ratio.
+        `labels` (B, L) replaces `seq.labels` (e.g. with the condition images scored too)."""
         logits = self.lm(input_ids=seq.input_ids, attention_mask=seq.attention_mask).logits  # (B, L, V)
-        targets = F.pad(seq.labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # (B, L): position i predicts token i + 1
+        labels = seq.labels if labels is None else labels
+        targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # (B, L): position i predicts token i + 1
         nll = F.cross_entropy(
             logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
         ).view_as(targets)  # (B, L), 0 where ignored
@@ -408,6 +417,15 @@ class MLLMModule(L.LightningModule):
         for task in self.mix.active:
             parts[f"loss_{task}"] = mask & (seq.task == TASKS.index(task))[:, None]  # (B, L)
         return {key: torch.stack([(nll * m).sum(), m.sum()]) for key, m in parts.items()}
+
+    def condition_images(self, seq: SequenceBatch) -> torch.Tensor:
+        """(B, L) bool: the visual tokens of the condition images, i.e. the first image span of the image-to-text
+        and edit rows (in every other format the first span is the scored target)."""
+        ids = seq.input_ids
+        visual = (ids >= self.vocab.visual_offset) & (ids < self.vocab.visual_end)
+        first_span = (ids == self.vocab.ids.eoi).cumsum(1) == 0  # up to the first <eoi>
+        rows = (seq.task == TASKS.index("i2t")) | (seq.task == TASKS.index("edit"))  # (B,)
+        return visual & first_span & rows[:, None]
 
     def _label_weights(self, seq: SequenceBatch, mask: torch.Tensor) -> torch.Tensor:
         """(B, L) weight of each label in the objective: `image_loss_weight` on visual ids, 1 on other labels."""
@@ -438,16 +456,28 @@ class MLLMModule(L.LightningModule):
         parts: dict[str, torch.Tensor] = {}
         objective = torch.zeros(2, device=self.device)  # weighted NLL sum, weight sum
         # One LM pass per group of similar lengths: the same summed loss as one padded pass, on fewer tokens.
+        condition_weight = self.hparams.condition_image_loss
         for group in seq.length_groups(self.hparams.length_groups):
-            nll, mask = self.token_nll(group)
+            if condition_weight > 0:
+                condition = self.condition_images(group)  # (b, l)
+                nll, scored = self.token_nll(group, torch.where(condition, group.input_ids, group.labels))
+                condition = F.pad(condition[:, 1:], (0, 1), value=False)  # (b, l), aligned with the next-token NLL
+                mask = scored & ~condition
+                parts["loss_condition_image"] = parts.get("loss_condition_image", 0) + torch.stack(
+                    [(nll * condition).sum(), condition.sum()]
+                )
+                weight = self._label_weights(group, mask) + condition_weight * condition
+            else:
+                nll, mask = self.token_nll(group)
+                weight = self._label_weights(group, mask)
             for key, value in self._breakdown(group, nll, mask).items():
                 parts[key] = parts[key] + value if key in parts else value
-            weight = self._label_weights(group, mask)
             objective = objective + torch.stack([(nll * weight).sum(), weight.sum()])
         loss = objective[0] / objective[1].clamp(min=1e-12)
         self.log("train/loss", loss, prog_bar=True, batch_size=b)
         rows = {key: tasks.count(key.removeprefix("loss_")) for key in parts}  # known on the host: no sync
         rows["loss_image"] = b - tasks.count("i2t")  # every other format has an image span in its labels
+        rows["loss_condition_image"] = tasks.count("i2t") + tasks.count("edit")
         for key, (total, count) in parts.items():
             if key != "loss" and rows[key]:
                 self.log(f"train/{key}", total / count.clamp(min=1), batch_size=rows[key])
