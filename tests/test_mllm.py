@@ -582,11 +582,18 @@ def test_image_loss_weight_scales_the_visual_labels_of_the_objective(ddt_dir, ca
         MLLMModule(lm=MICRO_LM, tokenizer_path=str(ddt_dir), image_loss_weight=0.0)
 
 
-def test_condition_image_loss_scores_the_condition_images_and_nothing_else(ddt_dir, captions):
+def test_condition_losses_score_the_condition_images_and_texts_and_nothing_else(ddt_dir, captions):
     batch = world_batch(6)
     tasks = ["t2i", "i2t", "edit", "i2t", "t2i", "edit"]
     torch.manual_seed(0)
-    module = make_module(ddt_dir, captions, tasks={"t2i": 1, "i2t": 1, "edit": 1}, condition_image_loss=0.5, p_null=0.0)
+    module = make_module(
+        ddt_dir,
+        captions,
+        tasks={"t2i": 1, "i2t": 1, "edit": 1},
+        condition_image_loss=0.5,
+        condition_text_loss=0.25,
+        p_null=0.0,
+    )
     module._step_generator = lambda: torch.Generator().manual_seed(0)
     module.mix.draw = lambda n, generator=None: tasks
     logged = {}
@@ -595,24 +602,30 @@ def test_condition_image_loss_scores_the_condition_images_and_nothing_else(ddt_d
     generator = torch.Generator().manual_seed(0)
     seq = module.sequences(batch, tasks, null_prompts(tasks, 0.0, generator), generator)
     # The condition images: the i2t image and the edit source, all T of their visual ids, nothing in t2i rows.
-    condition = module.condition_images(seq)  # (B, L)
+    images, texts = module.condition_images(seq), module.condition_text(seq)  # (B, L) each
     t = module.num_tokens
-    assert condition.sum(1).tolist() == [0, t, t, t, 0, t]
+    assert images.sum(1).tolist() == [0, t, t, t, 0, t]
     for row in (1, 2):  # right after <bos> <boi>
-        assert torch.equal(seq.input_ids[row, 2 : 2 + t][condition[row, 2 : 2 + t]], seq.input_ids[row, 2 : 2 + t])
-    assert (seq.labels[condition] == IGNORE_INDEX).all()  # the formats leave them unscored
-    # The objective: the formats' labels weigh 1, the condition images 0.5; the next-token NLL of every label.
-    nll, _ = module.token_nll(seq, torch.where(condition, seq.input_ids, seq.labels))
+        assert images[row, 2 : 2 + t].all()
+    # The condition texts: the t2i captions (right after <bos>) and the edit instructions (after the source).
+    ids = module.vocab.encode_text([batch["caption"][0], batch["edit_instruction"][2]], module.hparams.max_text_tokens)
+    assert texts.sum(1).tolist() == [len(ids[0]), 0, len(ids[1]), 0, texts[4].sum().item(), texts[5].sum().item()]
+    assert seq.input_ids[0, texts[0]].tolist() == ids[0] and seq.input_ids[2, texts[2]].tolist() == ids[1]
+    assert not (images & texts).any() and (seq.labels[images | texts] == IGNORE_INDEX).all()  # unscored before
+    # The objective: the formats' labels weigh 1, the condition images 0.5 and texts 0.25, on the next-token NLL.
+    nll, _ = module.token_nll(seq, torch.where(images | texts, seq.input_ids, seq.labels))
     shift = lambda m: torch.nn.functional.pad(m[:, 1:], (0, 1), value=False)  # noqa: E731
-    scored, cond = shift(seq.labels != IGNORE_INDEX), shift(condition)
-    weight = scored.float() + 0.5 * cond.float()
+    scored, image, text = shift(seq.labels != IGNORE_INDEX), shift(images), shift(texts)
+    weight = scored.float() + 0.5 * image.float() + 0.25 * text.float()
     torch.testing.assert_close(loss, (nll * weight).sum() / weight.sum(), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(logged["train/loss_condition_image"], nll[cond].mean(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(logged["train/loss_condition_image"], nll[image].mean(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(logged["train/loss_condition_text"], nll[text].mean(), rtol=1e-5, atol=1e-6)
     # The per-task NLLs are those of the formats' labels alone (i2t: the captions).
     i2t = scored & (seq.task == 1)[:, None]
     torch.testing.assert_close(logged["train/loss_i2t"], nll[i2t].mean(), rtol=1e-5, atol=1e-6)
-    with pytest.raises(ValueError, match="condition_image_loss"):
-        MLLMModule(lm=MICRO_LM, tokenizer_path=str(ddt_dir), condition_image_loss=-1.0)
+    for key in ("condition_image_loss", "condition_text_loss"):
+        with pytest.raises(ValueError, match=key):
+            MLLMModule(lm=MICRO_LM, tokenizer_path=str(ddt_dir), **{key: -1.0})
 
 
 def test_codebook_init_gives_visual_rows_the_codebook_geometry_and_leaves_text_rows(ddt_dir, captions):

@@ -127,6 +127,7 @@ class MLLMModule(L.LightningModule):
         length_groups: int = 2,
         image_loss_weight: float = 1.0,
         condition_image_loss: float = 0.0,
+        condition_text_loss: float = 0.0,
         visual_embedding_init: Literal["random", "codebook"] = "random",
         edit_format: Literal["direct", "caption_first"] = "direct",
         seed: int = 0,
@@ -160,6 +161,8 @@ class MLLMModule(L.LightningModule):
                 (the image of image-to-text, the source of an edit), which the formats leave unscored (0: as the
                 formats say). Their logits are computed anyway, so a weight > 0 adds unconditional image modelling
                 at no extra cost (logged as `train/loss_condition_image`; validation and test NLLs leave it out).
+            condition_text_loss: the same for the text conditions (the caption of text-to-image and class, the edit
+                instruction): unconditional text modelling (`train/loss_condition_text`).
             visual_embedding_init: `random` (the LM's own init) or `codebook`: the rows of the K visual ids, in the
                 input embedding and the output head, start as the DDT codebook's vectors through a fixed random
                 orthonormal map to the LM's width (norms matched to the LM's init), so codes that are close in the
@@ -184,6 +187,8 @@ class MLLMModule(L.LightningModule):
             raise ValueError(f"image_loss_weight must be > 0, got {image_loss_weight}")
         if not condition_image_loss >= 0:
             raise ValueError(f"condition_image_loss must be >= 0, got {condition_image_loss}")
+        if not condition_text_loss >= 0:
+            raise ValueError(f"condition_text_loss must be >= 0, got {condition_text_loss}")
         if visual_embedding_init not in ("random", "codebook"):
             raise ValueError(f"visual_embedding_init must be random or codebook, got {visual_embedding_init!r}")
         if edit_format not in EDIT_FORMATS:
@@ -427,6 +432,14 @@ class MLLMModule(L.LightningModule):
         rows = (seq.task == TASKS.index("i2t")) | (seq.task == TASKS.index("edit"))  # (B,)
         return visual & first_span & rows[:, None]
 
+    def condition_text(self, seq: SequenceBatch) -> torch.Tensor:
+        """(B, L) bool: the text tokens no format scores (the caption of text-to-image and class, the instruction
+        of an edit); special tokens (`<null>`, `<boi>`, ...) are not text."""
+        ids, special = seq.input_ids, self.vocab.ids
+        specials = torch.tensor([special.pad, special.bos, special.eos, special.null, special.boi, special.eoi])
+        text = (ids < self.vocab.visual_offset) & ~torch.isin(ids, specials.to(ids.device))
+        return text & (seq.labels == IGNORE_INDEX) & (seq.attention_mask > 0)
+
     def _label_weights(self, seq: SequenceBatch, mask: torch.Tensor) -> torch.Tensor:
         """(B, L) weight of each label in the objective: `image_loss_weight` on visual ids, 1 on other labels."""
         weight = mask.float()
@@ -456,17 +469,25 @@ class MLLMModule(L.LightningModule):
         parts: dict[str, torch.Tensor] = {}
         objective = torch.zeros(2, device=self.device)  # weighted NLL sum, weight sum
         # One LM pass per group of similar lengths: the same summed loss as one padded pass, on fewer tokens.
-        condition_weight = self.hparams.condition_image_loss
+        weights = {"image": self.hparams.condition_image_loss, "text": self.hparams.condition_text_loss}
         for group in seq.length_groups(self.hparams.length_groups):
-            if condition_weight > 0:
-                condition = self.condition_images(group)  # (b, l)
-                nll, scored = self.token_nll(group, torch.where(condition, group.input_ids, group.labels))
-                condition = F.pad(condition[:, 1:], (0, 1), value=False)  # (b, l), aligned with the next-token NLL
-                mask = scored & ~condition
-                parts["loss_condition_image"] = parts.get("loss_condition_image", 0) + torch.stack(
-                    [(nll * condition).sum(), condition.sum()]
-                )
-                weight = self._label_weights(group, mask) + condition_weight * condition
+            if any(weights.values()):
+                conditions = {  # (b, l) each: the condition tokens that are scored, by kind
+                    "image": self.condition_images(group) if weights["image"] else None,
+                    "text": self.condition_text(group) if weights["text"] else None,
+                }
+                conditions = {kind: c for kind, c in conditions.items() if c is not None}
+                extra = torch.stack(list(conditions.values())).any(0)
+                nll, mask = self.token_nll(group, torch.where(extra, group.input_ids, group.labels))
+                weight = torch.zeros_like(nll)
+                for kind, condition in conditions.items():
+                    condition = F.pad(condition[:, 1:], (0, 1), value=False)  # aligned with the next-token NLL
+                    mask = mask & ~condition
+                    weight = weight + weights[kind] * condition
+                    key = f"loss_condition_{kind}"
+                    total = torch.stack([(nll * condition).sum(), condition.sum()])
+                    parts[key] = parts[key] + total if key in parts else total
+                weight = weight + self._label_weights(group, mask)
             else:
                 nll, mask = self.token_nll(group)
                 weight = self._label_weights(group, mask)
@@ -478,6 +499,7 @@ class MLLMModule(L.LightningModule):
         rows = {key: tasks.count(key.removeprefix("loss_")) for key in parts}  # known on the host: no sync
         rows["loss_image"] = b - tasks.count("i2t")  # every other format has an image span in its labels
         rows["loss_condition_image"] = tasks.count("i2t") + tasks.count("edit")
+        rows["loss_condition_text"] = b - tasks.count("i2t")
         for key, (total, count) in parts.items():
             if key != "loss" and rows[key]:
                 self.log(f"train/{key}", total / count.clamp(min=1), batch_size=rows[key])
