@@ -432,6 +432,10 @@ def test_ddt_fit_runs_the_tiny_llm_config(ddt_dir, tmp_path, monkeypatch):
         "--data.init_args.batch_size": "8",
         "--data.init_args.cache_dir": "null",
         "--export_dir": "export",
+        # The weight EMA from step 1: the LM only exists after the module's setup, later than the callbacks' setup.
+        "--trainer.callbacks+": json.dumps(
+            {"class_path": "ddt_lightning.callbacks.WeightEMA", "init_args": {"decay": 0.5, "start_step": 1}}
+        ),
     }
     args = ["fit", "--config", str(REPO / "configs" / "mllm" / "tiny.yaml")]
     cli = DDTCLI(args=args + [item for pair in overrides.items() for item in pair])
@@ -442,6 +446,14 @@ def test_ddt_fit_runs_the_tiny_llm_config(ddt_dir, tmp_path, monkeypatch):
     assert torch.isclose(metrics["val/perplexity_text"], metrics["val/loss_i2t"].exp(), rtol=1e-4)
     assert AutoModelForCausalLM.from_pretrained("export/lm", local_files_only=True).config.vocab_size % 64 == 0
     assert len(list((tmp_path / "bpe").iterdir())) == 1  # the trained BPE was cached
+    # The EMA averaged the LM (steps 1 and 2) and the export holds the average.
+    ema = next(c for c in cli.trainer.callbacks if type(c).__name__ == "WeightEMA")
+    assert int(ema._average_model.n_averaged) == 2
+    average = dict(ema._average_model.module.lm.named_parameters())
+    exported = AutoModelForCausalLM.from_pretrained("export/lm", local_files_only=True).state_dict()
+    assert len(average) == len(list(cli.model.lm.parameters())) > 0
+    for name, value in average.items():
+        assert torch.equal(exported[name], value), name
 
 
 def test_a_resumed_run_continues_exactly(ddt_dir, captions, tmp_path):
