@@ -99,6 +99,11 @@ class TokenNLL(Metric):
         return {k: m for k, m, c in zip(self.names, means, self.count.tolist()) if c > 0}
 
 
+def next_positions(x: torch.Tensor, fill: int | bool) -> torch.Tensor:
+    """(B, L) -> (B, L): position i holds x[:, i + 1] (what its logits predict), the last position `fill`."""
+    return F.pad(x[:, 1:], (0, 1), value=fill)
+
+
 class MLLMModule(L.LightningModule):
     def __init__(
         self,
@@ -408,7 +413,7 @@ class MLLMModule(L.LightningModule):
         `labels` (B, L) replaces `seq.labels` (e.g. with the condition images scored too)."""
         logits = self.lm(input_ids=seq.input_ids, attention_mask=seq.attention_mask).logits  # (B, L, V)
         labels = seq.labels if labels is None else labels
-        targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # (B, L): position i predicts token i + 1
+        targets = next_positions(labels, IGNORE_INDEX)  # (B, L): position i predicts token i + 1
         nll = F.cross_entropy(
             logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
         ).view_as(targets)  # (B, L), 0 where ignored
@@ -416,7 +421,7 @@ class MLLMModule(L.LightningModule):
 
     def _breakdown(self, seq: SequenceBatch, nll: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
         """{key: (NLL sum, token count)} per task and for visual-token labels, without host syncs."""
-        targets = F.pad(seq.labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # (B, L)
+        targets = next_positions(seq.labels, IGNORE_INDEX)  # (B, L)
         image = (targets >= self.vocab.visual_offset) & (targets < self.vocab.visual_end)  # (B, L)
         parts = {"loss": mask, "loss_image": image}
         for task in self.mix.active:
@@ -444,7 +449,7 @@ class MLLMModule(L.LightningModule):
         """(B, L) weight of each label in the objective: `image_loss_weight` on visual ids, 1 on other labels."""
         weight = mask.float()
         if self.hparams.image_loss_weight != 1.0:
-            targets = F.pad(seq.labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # (B, L)
+            targets = next_positions(seq.labels, IGNORE_INDEX)  # (B, L)
             image = (targets >= self.vocab.visual_offset) & (targets < self.vocab.visual_end)
             weight = weight * torch.where(image, self.hparams.image_loss_weight, 1.0)
         return weight
@@ -470,27 +475,23 @@ class MLLMModule(L.LightningModule):
         objective = torch.zeros(2, device=self.device)  # weighted NLL sum, weight sum
         # One LM pass per group of similar lengths: the same summed loss as one padded pass, on fewer tokens.
         weights = {"image": self.hparams.condition_image_loss, "text": self.hparams.condition_text_loss}
+        find = {"image": self.condition_images, "text": self.condition_text}
         for group in seq.length_groups(self.hparams.length_groups):
-            if any(weights.values()):
-                conditions = {  # (b, l) each: the condition tokens that are scored, by kind
-                    "image": self.condition_images(group) if weights["image"] else None,
-                    "text": self.condition_text(group) if weights["text"] else None,
-                }
-                conditions = {kind: c for kind, c in conditions.items() if c is not None}
-                extra = torch.stack(list(conditions.values())).any(0)
-                nll, mask = self.token_nll(group, torch.where(extra, group.input_ids, group.labels))
-                weight = torch.zeros_like(nll)
-                for kind, condition in conditions.items():
-                    condition = F.pad(condition[:, 1:], (0, 1), value=False)  # aligned with the next-token NLL
-                    mask = mask & ~condition
-                    weight = weight + weights[kind] * condition
-                    key = f"loss_condition_{kind}"
-                    total = torch.stack([(nll * condition).sum(), condition.sum()])
-                    parts[key] = parts[key] + total if key in parts else total
-                weight = weight + self._label_weights(group, mask)
-            else:
-                nll, mask = self.token_nll(group)
-                weight = self._label_weights(group, mask)
+            # The condition tokens scored too (condition_*_loss > 0), by kind: (b, l) each.
+            conditions = {kind: find[kind](group) for kind, w in weights.items() if w > 0}
+            labels = group.labels
+            if conditions:
+                labels = torch.where(torch.stack(list(conditions.values())).any(0), group.input_ids, labels)
+            nll, mask = self.token_nll(group, labels)
+            weight = torch.zeros_like(nll)
+            for kind, condition in conditions.items():
+                condition = next_positions(condition, False)  # aligned with the next-token NLL
+                mask = mask & ~condition
+                weight = weight + weights[kind] * condition
+                key = f"loss_condition_{kind}"
+                total = torch.stack([(nll * condition).sum(), condition.sum()])
+                parts[key] = parts[key] + total if key in parts else total
+            weight = weight + self._label_weights(group, mask)
             for key, value in self._breakdown(group, nll, mask).items():
                 parts[key] = parts[key] + value if key in parts else value
             objective = objective + torch.stack([(nll * weight).sum(), weight.sum()])
