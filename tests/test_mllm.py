@@ -27,6 +27,7 @@ from ddt_lightning.mllm.sequences import (
     edit,
     image_to_text,
     null_prompts,
+    rewrite,
     text_to_image,
 )
 from ddt_lightning.mllm.vocab import MultimodalVocab, train_text_tokenizer
@@ -120,9 +121,10 @@ def test_id_layout_visual_ids_above_text_and_padding_never_labelled(captions):
     span = vocab.image_span(8)  # what generation.py takes
     assert (span.boi_id, span.eoi_id, span.visual_range) == (4, 5, range(vocab.visual_offset, vocab.visual_end))
     # Every format's labels, with the extreme codes: real ids only, never the padding ids above visual_end.
-    images = vocab.visual_id(torch.tensor([[0] * 8, [99] * 8, [50] * 8, [99] * 8]))
-    texts = vocab.encode_text(captions[:4])
-    seq = build_batch(vocab.ids, list(TASKS), images, texts, None, images.flip(0))
+    images = vocab.visual_id(torch.tensor([[0] * 8, [99] * 8, [50] * 8, [99] * 8, [0] * 8]))
+    texts = vocab.encode_text(captions[:5])
+    rewrites = [None] * 4 + texts[:1]  # the rewrite row's instruction and target caption
+    seq = build_batch(vocab.ids, list(TASKS), images, texts, None, images.flip(0), rewrites, rewrites)
     labelled = seq.labels[seq.labels != IGNORE_INDEX]
     assert labelled.max() < vocab.visual_end and labelled.min() >= 0
     assert seq.input_ids.max() < vocab.visual_end
@@ -189,6 +191,54 @@ def test_caption_first_edits_state_the_target_then_draw_it():
     assert seq.input_ids[0].tolist() == ids and seq.input_ids[1].tolist()[:8] == text_to_image(IDS, cap, img)[0]
     with pytest.raises(ValueError, match="edit captions"):
         build_batch(IDS, ["edit", "edit"], images, [ins, ins], None, targets, edit_captions=[cap])
+
+
+def test_rewrite_edits_a_caption_in_words_and_scores_only_the_new_caption():
+    cap, ins, new, img = [10, 11, 12], [20, 21], [10, 13], [100, 101, 102]
+    x = IGNORE_INDEX
+    ids, labels = rewrite(IDS, cap, ins, new)
+    assert ids == [1, 10, 11, 12, 2, 20, 21, 2, 10, 13, 2]  # <bos> caption <eos> instruction <eos> new <eos>
+    assert labels == [x] * 8 + [10, 13, 2]
+    images = torch.tensor([img, img])  # rewrite rows carry no image: theirs is never read
+    seq = build_batch(IDS, ["rewrite", "i2t"], images, [cap, cap], [True, True], None, [new, None], [ins, None])
+    assert seq.input_ids[0].tolist() == ids and seq.labels[0].tolist() == labels  # null dropout: not a rewrite's
+    assert seq.input_ids[1].tolist()[:10] == image_to_text(IDS, img, cap)[0]
+    with pytest.raises(ValueError, match="instruction and edit caption"):
+        build_batch(IDS, ["rewrite"], images[:1], [cap], None, None, [new], None)
+    with pytest.raises(ValueError, match="1 instructions"):
+        build_batch(IDS, ["rewrite", "t2i"], images, [cap, cap], None, None, [new, None], [ins])
+
+
+def test_the_chain_module_trains_rewrites_of_the_world_captions(ddt_dir, captions, tmp_path):
+    tasks = {"t2i": 1.0, "i2t": 1.0, "rewrite": 1.0}
+    module = make_module(ddt_dir, captions, tasks=tasks, edit_format="chain", condition_text_loss=0.5)
+    batch = world_batch()
+    world = World(seed=1, resolution=16, supersample=1)
+    batch["edit_caption"] = [world.sample(i).edited_scene.caption() for i in range(4)]
+    seq = module.sequences(batch, ["rewrite", "rewrite", "t2i", "i2t"], [True] * 4, torch.Generator())
+    vocab, ids = module.vocab, module.vocab.ids
+    for row in range(2):
+        tokens = [t for t in seq.input_ids[row].tolist() if t != ids.pad]
+        first, second = tokens.index(ids.eos), tokens.index(ids.eos, tokens.index(ids.eos) + 1)
+        assert vocab.decode_text([tokens[1:first]])[0] == batch["caption"][row]
+        assert vocab.decode_text([tokens[first + 1 : second]])[0] == batch["edit_instruction"][row]
+        assert vocab.decode_text([tokens[second + 1 : -1]])[0] == batch["edit_caption"][row]
+        labelled = seq.labels[row][seq.labels[row] != IGNORE_INDEX].tolist()
+        assert labelled == tokens[second + 1 :]  # only the new caption and its <eos>
+        assert not module.condition_images(seq)[row].any()  # no image in a rewrite
+        assert module.condition_text(seq)[row].sum() == second - 2  # its caption and instruction, unscored so far
+    # The loss span of a rewrite-only batch: the new captions' tokens and their <eos>, nothing else.
+    only = module.sequences(batch, ["rewrite"] * 4, None, torch.Generator())
+    _, mask = module.token_nll(only)
+    cut = module.hparams.max_text_tokens
+    assert mask.sum() == sum(len(vocab.encode_text([c], cut)[0]) + 1 for c in batch["edit_caption"])
+    with pytest.raises(ValueError, match="rewrite"):
+        MLLMModule(lm=MICRO_LM, tokenizer_path=str(ddt_dir), tasks={"t2i": 1, "i2t": 1}, edit_format="chain")
+    del batch["edit_caption"]
+    with pytest.raises(ValueError, match="edit_caption"):
+        module.sequences(batch, ["rewrite"] * 4, None, torch.Generator())
+    module.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "lm" / "ddt_llm.json").read_text())["edit_format"] == "chain"
 
 
 def test_length_groups_split_by_length_and_keep_every_token():

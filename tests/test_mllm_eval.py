@@ -283,6 +283,43 @@ def test_a_caption_first_model_writes_the_target_caption_then_draws_it(export, m
         DDTLlama(first.lm, vocab, first.ddt, edit_format="captions")
 
 
+def test_a_chain_model_captions_rewrites_and_draws(export, model, tmp_path, monkeypatch):
+    root = tmp_path / "chain"
+    shutil.copytree(export[0], root)
+    config_file = root / "lm" / "ddt_llm.json"
+    config_file.write_text(json.dumps(json.loads(config_file.read_text()) | {"edit_format": "chain"}))
+    chain = DDTLlama.from_pretrained(root)
+    ids, vocab = chain.vocab.ids, chain.vocab
+    images, samples = world_images(3)
+    instructions = [s.edit_instruction for s in samples]
+    captions = chain.caption(images)
+    prompts = chain.rewrite_prompts(captions, instructions)
+    for prompt, caption, instruction in zip(prompts, captions, instructions):  # <bos> caption <eos> instruction <eos>
+        text = chain._text([caption])[0] + [ids.eos] + chain._text([instruction])[0]
+        assert prompt == [ids.bos, *text, ids.eos]
+    rewrites = chain.rewrite(captions, instructions)
+    assert chain.edit_captions(images, instructions) == rewrites
+    calls = []
+
+    def spy(lm, cond, uncond, span, **k):
+        codes = generate_image_tokens(lm, cond, uncond, span, **k)
+        calls.append((cond, uncond, codes))
+        return codes
+
+    monkeypatch.setattr(model_module, "generate_image_tokens", spy)
+    edited = chain.edit(images, instructions, guidance=2.0, decode_steps=1, generator=gen(0))
+    cond, uncond, codes = calls[0]
+    assert cond == chain.text_to_image_prompts(rewrites) and uncond == chain.text_to_image_prompts(None)
+    drawn = chain.text_to_image(rewrites, guidance=2.0, decode_steps=1, generator=gen(0))
+    assert torch.equal(calls[1][2], codes) and torch.equal(edited, drawn)  # the drawing of the rewrite, draw for draw
+    model.edit(images, instructions, guidance=2.0, decode_steps=1, generator=gen(0))
+    assert calls[2][0] == model.edit_prompts(chain.ddt.encode(images), instructions)  # the direct format differs
+    assert not torch.equal(calls[2][2], codes)
+    with pytest.raises(ValueError, match="2 instructions"):
+        chain.rewrite(captions, instructions[:2])
+    assert all(i < vocab.visual_offset for row in chain._text(rewrites) for i in row)
+
+
 # ------------------------------------------------------------------------------------------------------ evaluation
 def test_evaluate_world_on_the_tiny_model(model):
     scores = evaluate_world(

@@ -14,8 +14,10 @@ Export layout (written by `MLLMModule.save_pretrained` and the export step that 
 Every prompt is the training sequence of its task (`sequences.py`) cut before its loss span, so generation sees
 exactly what training conditioned on: text-to-image `<bos> caption <boi>`, null `<bos> <null> <boi>`; captioning
 `<bos> <boi> v.. <eoi>`; editing `<bos> <boi> src.. <eoi> instruction <boi>`, null `... <eoi> <null> <boi>` (the
-instruction dropped, the source kept: the module's null-prompt dropout of edits). Visual tokens enter prompts in the
-trained `TokenOrder` and generated codes are put back into DDT's order (`TokenOrder.invert`) before DDT decoding;
+instruction dropped, the source kept: the module's null-prompt dropout of edits); a `chain` model edits in three
+such steps, captioning, the rewrite `<bos> caption <eos> instruction <eos>` and text-to-image. Visual tokens enter
+prompts in the trained `TokenOrder` and generated codes are put back into DDT's order (`TokenOrder.invert`) before DDT
+decoding;
 a `shuffled` order with `shuffle: random` cannot be inverted, so such a model can caption but not draw.
 
 Sampling (`generation.py`): KV cache, exactly T visual codes per image, batched classifier-free guidance on logits;
@@ -42,6 +44,7 @@ from ddt_lightning.mllm.sequences import (
     TokenOrder,
     edit,
     image_to_text,
+    rewrite,
     text_to_image,
 )
 from ddt_lightning.mllm.vocab import MultimodalVocab
@@ -253,6 +256,22 @@ class DDTLlama:
         caption = [] if self.edit_format == "caption_first" else None
         return [prompt_of(edit(self.vocab.ids, row, text, [], caption)) for row, text in zip(rows, texts)]
 
+    def rewrite_prompts(self, captions: Sequence[str], instructions: Sequence[str]) -> list[list[int]]:
+        """`<bos> caption <eos> instruction <eos>` per (caption, instruction): the chain edit's middle step."""
+        pairs = zip(self._text(captions), self._text(instructions))
+        return [prompt_of(rewrite(self.vocab.ids, caption, text, [])) for caption, text in pairs]
+
+    def rewrite(self, captions: Sequence[str], instructions: Sequence[str], batch_size: int = 32) -> list[str]:
+        """A scene's caption rewritten under an edit instruction, in words (beam search; chain models, whose LM
+        learned the `rewrite` task)."""
+        if len(captions) != len(instructions):
+            raise ValueError(f"{len(captions)} captions but {len(instructions)} instructions")
+        texts: list[list[int]] = []
+        for part in _chunks(len(captions), batch_size):
+            prompts = self.rewrite_prompts(captions[part], instructions[part])
+            texts += self._continue_with_text(prompts, stop_id=self.vocab.ids.eos)
+        return self.vocab.decode_text(texts)
+
     # -------------------------------------------------------------------------------------------------- codes
     def _check_images(self, images: torch.Tensor) -> torch.Tensor:
         r = self.resolution
@@ -463,7 +482,11 @@ class DDTLlama:
         progress: bool = False,
     ) -> torch.Tensor:
         """Edited images (B, 3, R, R) in [-1, 1] of sources (B, 3, R, R) and instructions (one, or one per image);
-        guidance `s` on the instruction (the null prompt keeps the source and drops the instruction)."""
+        guidance `s` on the instruction (the null prompt keeps the source and drops the instruction).
+
+        A `chain` model edits through words: it captions each source (`caption`'s defaults: reranked beams), rewrites
+        the caption under the instruction (`rewrite`) and draws the rewrite (`text_to_image`: guidance `s` against
+        the null prompt); `edit_captions` gives the rewrites."""
         images = self._check_images(images)
         b = images.shape[0]
         instructions = [instructions] * b if isinstance(instructions, str) else list(instructions)
@@ -473,6 +496,19 @@ class DDTLlama:
         out = []
         for part in _bar(_chunks(b, batch_size), "edits", progress):
             sources = self.ddt.encode(images[part])  # (b, T) in DDT's order
+            if self.edit_format == "chain":
+                targets = self.rewrite(self.caption_codes(sources, generator=generator), instructions[part])
+                codes = self.generate_codes(
+                    self.text_to_image_prompts(targets),
+                    self.text_to_image_prompts(None),
+                    guidance,
+                    temperature,
+                    top_k,
+                    top_p,
+                    generator,
+                )
+                out.append(self.decode(codes, decode_steps, decode_guidance, generator))
+                continue
             cond = self.edit_prompts(sources, instructions[part], generator)
             if self.edit_format == "caption_first":  # the target's caption first (beam search), then its image
                 captions = self._continue_with_text(cond, stop_id=self.vocab.ids.boi)
@@ -483,15 +519,17 @@ class DDTLlama:
         return torch.cat(out)  # (B, 3, R, R)
 
     def edit_captions(self, images: torch.Tensor, instructions: str | Sequence[str], batch_size: int = 32) -> list[str]:
-        """caption_first models: the caption each edit writes for its target before drawing it (beam search), to
-        see whether a failed edit misread the scene or the instruction, or drew the right caption wrong."""
-        if self.edit_format != "caption_first":
-            raise ValueError(f"edit_captions needs a caption_first model; this one edits {self.edit_format}")
+        """caption_first and chain models: the caption each edit writes for its target before drawing it (beam
+        search), to see whether a failed edit misread the scene or the instruction, or drew the right caption wrong."""
+        if self.edit_format not in ("caption_first", "chain"):
+            raise ValueError(f"edit_captions needs a caption_first or chain model; this one edits {self.edit_format}")
         images = self._check_images(images)
         instructions = [instructions] * images.shape[0] if isinstance(instructions, str) else list(instructions)
         if len(instructions) != images.shape[0]:
             raise ValueError(f"{len(instructions)} instructions for {images.shape[0]} images")
         captions: list[list[int]] = []
+        if self.edit_format == "chain":
+            return self.rewrite(self.caption(images, batch_size=batch_size), instructions, batch_size)
         for part in _chunks(images.shape[0], batch_size):
             prompts = self.edit_prompts(self.ddt.encode(images[part]), instructions[part])
             captions += self._continue_with_text(prompts, stop_id=self.vocab.ids.boi)

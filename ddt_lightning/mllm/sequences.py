@@ -1,4 +1,4 @@
-"""DDT-LLaMA training sequences: the four formats, their loss masks, the task mix and the visual token order.
+"""DDT-LLaMA training sequences: the formats, their loss masks, the task mix and the visual token order.
 
 design.md section 2; DDT-LLaMA (DDT paper, arXiv 2504.14666, section 4). With `v = visual_offset + code`:
 
@@ -11,6 +11,11 @@ and, with `EDIT_FORMATS` "caption_first" (ours), an edit that first states the e
 
     edit   <bos> <boi> src.. <eoi> instruction <eos> target-caption <boi> tgt.. <eoi>
                                                   labels: target-caption <boi> tgt.. <eoi>
+
+and a text-only task for the "chain" edit format (ours), which edits through words in three steps of one LM -
+caption the source (i2t), rewrite its caption under the instruction (rewrite), draw the result (t2i):
+
+    rewrite  <bos> caption <eos> instruction <eos> target-caption <eos>     labels: target-caption <eos>
 
 Labels are the input ids inside the loss span and -100 elsewhere (Hugging Face convention: the model shifts them,
 so position i's logits are scored against labels[i + 1]). Null-prompt dropout (for classifier-free guidance) turns
@@ -32,10 +37,11 @@ from typing import Literal
 
 import torch
 
-TASKS: tuple[str, ...] = ("t2i", "i2t", "edit", "class")
+TASKS: tuple[str, ...] = ("t2i", "i2t", "edit", "class", "rewrite")
 # "direct": the target image right after the instruction; "caption_first": the target's caption, then its image
-# (an edit becomes captioning + text-to-image in one sequence: both of which the LM learns from the other tasks too).
-EDIT_FORMATS: tuple[str, ...] = ("direct", "caption_first")
+# (an edit becomes captioning + text-to-image in one sequence: both of which the LM learns from the other tasks too);
+# "chain": no edit sequence at all - the source's caption (i2t), its rewrite (rewrite), its drawing (t2i).
+EDIT_FORMATS: tuple[str, ...] = ("direct", "caption_first", "chain")
 NULL_TASKS: frozenset[str] = frozenset({"t2i", "edit", "class"})  # tasks whose text condition may be dropped
 IGNORE_INDEX = -100
 
@@ -115,6 +121,16 @@ def edit(
     return prefix + span, _masked(prefix) + span
 
 
+def rewrite(
+    ids: SpecialIds, caption: Sequence[int], instruction: Sequence[int], target_caption: Sequence[int]
+) -> Example:
+    """`<bos> caption <eos> instruction <eos> target_caption <eos>`, loss on `target_caption <eos>`: the edit of a
+    scene's caption under an instruction, in words alone (the "chain" edit format's middle step)."""
+    prefix = [ids.bos, *caption, ids.eos, *instruction, ids.eos]
+    span = [*target_caption, ids.eos]
+    return prefix + span, _masked(prefix) + span
+
+
 @dataclass
 class SequenceBatch:
     input_ids: torch.Tensor  # (B, L) long
@@ -190,23 +206,26 @@ def build_batch(
     null: Sequence[bool] | None = None,
     edit_targets: torch.Tensor | None = None,
     edit_captions: Sequence[Sequence[int] | None] | None = None,
+    instructions: Sequence[Sequence[int] | None] | None = None,
 ) -> SequenceBatch:
     """One sequence per row in its task's format, right-padded.
 
     Args:
         images: (B, T) visual ids (codes already put in the configured `TokenOrder` and offset by visual_offset).
-        texts: per row, the text token ids of its task: the caption (t2i, i2t), the class name (class) or the edit
-            instruction (edit).
+        texts: per row, the text token ids of its task: the caption (t2i, i2t, rewrite), the class name (class) or
+            the edit instruction (edit).
         null: per row, replace the text condition by `<null>` (ignored for i2t, whose text is the target).
         edit_targets: (B, T) visual ids of the edited images; required when a row's task is edit.
-        edit_captions: per row, the text ids of the edited image's caption (the caption_first edit format), or
-            None for the direct format.
+        edit_captions: per row, the text ids of the edited image's caption (the caption_first edit format, and
+            the rewrite task's target), or None for the direct format.
+        instructions: per row, the edit instruction's text ids of a rewrite row (None elsewhere).
     """
     b = len(tasks)
     if images.shape[0] != b or len(texts) != b:
         raise ValueError(f"{b} tasks but {images.shape[0]} images and {len(texts)} texts")
-    if edit_captions is not None and len(edit_captions) != b:
-        raise ValueError(f"{b} tasks but {len(edit_captions)} edit captions")
+    for name, given in (("edit captions", edit_captions), ("instructions", instructions)):
+        if given is not None and len(given) != b:
+            raise ValueError(f"{b} tasks but {len(given)} {name}")
     null = [False] * b if null is None else list(null)
     image_rows = images.tolist()  # one host copy per batch; the formats are list operations
     target_rows = edit_targets.tolist() if edit_targets is not None else None
@@ -224,6 +243,12 @@ def build_batch(
                 raise ValueError("an edit sequence needs edit_targets (the edited images' visual ids)")
             caption = edit_captions[row] if edit_captions is not None else None
             examples.append(edit(ids, image_rows[row], text, target_rows[row], caption))
+        elif task == "rewrite":
+            target = edit_captions[row] if edit_captions is not None else None
+            instruction = instructions[row] if instructions is not None else None
+            if target is None or instruction is None:
+                raise ValueError("a rewrite sequence needs its row's instruction and edit caption (the target)")
+            examples.append(rewrite(ids, texts[row], instruction, target))
         else:
             raise ValueError(f"unknown task {task!r}; choose from {TASKS}")
     return pad_batch(examples, tasks, ids.pad)

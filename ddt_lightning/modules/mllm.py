@@ -76,6 +76,7 @@ TASK_FIELDS: dict[str, tuple[str, ...]] = {
     "i2t": ("caption",),
     "class": ("label",),
     "edit": ("edit_instruction",),
+    "rewrite": ("caption", "edit_instruction", "edit_caption"),
 }
 
 
@@ -134,7 +135,7 @@ class MLLMModule(L.LightningModule):
         condition_image_loss: float = 0.0,
         condition_text_loss: float = 0.0,
         visual_embedding_init: Literal["random", "codebook"] = "random",
-        edit_format: Literal["direct", "caption_first"] = "direct",
+        edit_format: Literal["direct", "caption_first", "chain"] = "direct",
         seed: int = 0,
     ) -> None:
         """
@@ -174,7 +175,9 @@ class MLLMModule(L.LightningModule):
                 tokenizer start close in the LM. Needs `tokenizer_path`; a checkpoint's weights override it.
             edit_format: `direct` (the target image right after the instruction) or `caption_first`: the LM first
                 writes the edited scene's caption, then draws it (`mllm.sequences.edit`); needs the batch field
-                `edit_caption` (the world's edits carry it).
+                `edit_caption` (the world's edits carry it). `chain`: the exported model edits through words -
+                it captions the source, rewrites the caption under the instruction (the `rewrite` task, which
+                `tasks` must then hold) and draws the rewrite; `edit` rows, if any, train the direct format.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -202,6 +205,11 @@ class MLLMModule(L.LightningModule):
             raise ValueError("visual_embedding_init = codebook needs model.init_args.tokenizer_path (the codebook)")
         self.lm_config = None if pretrained is not None else (lm or LMConfig())
         self.mix = TaskMix(tasks or {"t2i": 1.0})
+        if edit_format == "chain" and not {"i2t", "rewrite", "t2i"} <= set(self.mix.active):
+            raise ValueError(
+                "edit_format chain edits by captioning (i2t), rewriting the caption (rewrite) and drawing it (t2i): "
+                f"model.init_args.tasks needs a ratio > 0 for each, got {dict(tasks or {})}"
+            )
         self.order = token_order or TokenOrder()
         self.num_codes, self.num_tokens, self.image_size = self._image_token_shape()
         self.vocab: MultimodalVocab | None = None  # set by setup(), or by on_load_checkpoint()
@@ -363,7 +371,7 @@ class MLLMModule(L.LightningModule):
         return codes, targets
 
     def _fields(self, task: str) -> tuple[str, ...]:
-        caption_first = task == "edit" and self.hparams.edit_format == "caption_first"
+        caption_first = task == "edit" and self._caption_first
         return (*TASK_FIELDS[task], "edit_caption") if caption_first else TASK_FIELDS[task]
 
     def _texts(self, batch: dict, tasks: list[str]) -> list[list[int]]:
@@ -397,16 +405,25 @@ class MLLMModule(L.LightningModule):
         visual = self.vocab.visual_id(ordered)  # (B or 2B, T) vocabulary ids
         texts = self._texts(batch, tasks)
         edit_targets = visual[b:] if targets is not None else None
-        edit_captions = None
-        if self.hparams.edit_format == "caption_first" and "edit" in tasks:
-            rows = [row for row, task in enumerate(tasks) if task == "edit"]
-            encoded = self.vocab.encode_text([batch["edit_caption"][row] for row in rows], self.hparams.max_text_tokens)
-            edit_captions = [None] * b
-            for row, ids in zip(rows, encoded):
-                edit_captions[row] = ids
+        # The edited scene's caption: the target of rewrite rows, and the first target of caption_first edits.
+        caption_rows = [r for r, t in enumerate(tasks) if t == "rewrite" or (t == "edit" and self._caption_first)]
+        edit_captions = self._row_texts(batch, "edit_caption", caption_rows, b) if caption_rows else None
+        rewrite_rows = [row for row, task in enumerate(tasks) if task == "rewrite"]
+        instructions = self._row_texts(batch, "edit_instruction", rewrite_rows, b) if rewrite_rows else None
         return build_batch(
-            self.vocab.ids, tasks, visual[:b], texts, null, edit_targets, edit_captions=edit_captions
+            self.vocab.ids, tasks, visual[:b], texts, null, edit_targets, edit_captions, instructions
         ).to(self.device)
+
+    @property
+    def _caption_first(self) -> bool:
+        return self.hparams.edit_format == "caption_first"
+
+    def _row_texts(self, batch: dict, key: str, rows: list[int], b: int) -> list[list[int] | None]:
+        """The encoded text of batch[key] on `rows`, None on the other rows of the b."""
+        out: list[list[int] | None] = [None] * b
+        for row, ids in zip(rows, self.vocab.encode_text([batch[key][r] for r in rows], self.hparams.max_text_tokens)):
+            out[row] = ids
+        return out
 
     def token_nll(self, seq: SequenceBatch, labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token NLL (B, L) of the next token and its mask (B, L); Hugging Face's loss is their ratio.
@@ -498,7 +515,7 @@ class MLLMModule(L.LightningModule):
         loss = objective[0] / objective[1].clamp(min=1e-12)
         self.log("train/loss", loss, prog_bar=True, batch_size=b)
         rows = {key: tasks.count(key.removeprefix("loss_")) for key in parts}  # known on the host: no sync
-        rows["loss_image"] = b - tasks.count("i2t")  # every other format has an image span in its labels
+        rows["loss_image"] = b - tasks.count("i2t") - tasks.count("rewrite")  # the others score an image span
         rows["loss_condition_image"] = tasks.count("i2t") + tasks.count("edit")
         rows["loss_condition_text"] = b - tasks.count("i2t")
         for key, (total, count) in parts.items():
