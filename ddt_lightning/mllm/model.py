@@ -17,8 +17,7 @@ exactly what training conditioned on: text-to-image `<bos> caption <boi>`, null 
 instruction dropped, the source kept: the module's null-prompt dropout of edits); a `chain` model edits in three
 such steps, captioning, the rewrite `<bos> caption <eos> instruction <eos>` and text-to-image. Visual tokens enter
 prompts in the trained `TokenOrder` and generated codes are put back into DDT's order (`TokenOrder.invert`) before DDT
-decoding;
-a `shuffled` order with `shuffle: random` cannot be inverted, so such a model can caption but not draw.
+decoding; a `shuffled` order with `shuffle: random` cannot be inverted, so such a model can caption but not draw.
 
 Sampling (`generation.py`): KV cache, exactly T visual codes per image, batched classifier-free guidance on logits;
 captions forbid every id that is not text. Everything is batched and, given a `torch.Generator`, deterministic (the
@@ -527,9 +526,9 @@ class DDTLlama:
         instructions = [instructions] * images.shape[0] if isinstance(instructions, str) else list(instructions)
         if len(instructions) != images.shape[0]:
             raise ValueError(f"{len(instructions)} instructions for {images.shape[0]} images")
-        captions: list[list[int]] = []
         if self.edit_format == "chain":
             return self.rewrite(self.caption(images, batch_size=batch_size), instructions, batch_size)
+        captions: list[list[int]] = []
         for part in _chunks(images.shape[0], batch_size):
             prompts = self.edit_prompts(self.ddt.encode(images[part]), instructions[part])
             captions += self._continue_with_text(prompts, stop_id=self.vocab.ids.boi)
