@@ -497,16 +497,10 @@ class DDTLlama:
             sources = self.ddt.encode(images[part])  # (b, T) in DDT's order
             if self.edit_format == "chain":
                 targets = self.rewrite(self.caption_codes(sources, generator=generator), instructions[part])
-                codes = self.generate_codes(
-                    self.text_to_image_prompts(targets),
-                    self.text_to_image_prompts(None),
-                    guidance,
-                    temperature,
-                    top_k,
-                    top_p,
-                    generator,
+                drawn = self.text_to_image(
+                    targets, guidance, temperature, top_k, top_p, decode_steps, decode_guidance, generator, len(targets)
                 )
-                out.append(self.decode(codes, decode_steps, decode_guidance, generator))
+                out.append(drawn)
                 continue
             cond = self.edit_prompts(sources, instructions[part], generator)
             if self.edit_format == "caption_first":  # the target's caption first (beam search), then its image
