@@ -498,7 +498,15 @@ class DDTLlama:
             if self.edit_format == "chain":
                 targets = self.rewrite(self.caption_codes(sources, generator=generator), instructions[part])
                 drawn = self.text_to_image(
-                    targets, guidance, temperature, top_k, top_p, decode_steps, decode_guidance, generator, len(targets)
+                    targets,
+                    guidance=guidance,
+                    temperature=temperature,
+                    top_k=top_k,
+                    top_p=top_p,
+                    decode_steps=decode_steps,
+                    decode_guidance=decode_guidance,
+                    generator=generator,
+                    batch_size=len(targets),
                 )
                 out.append(drawn)
                 continue
