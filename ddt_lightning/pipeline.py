@@ -134,6 +134,7 @@ def run_pipeline(
     decode_guidance: float = 2.0,
     caption_beams: int = 8,  # mllm.model.DEFAULT_CAPTION_BEAMS (not imported: this module loads no torch)
     caption_rerank: float = 1.0,  # mllm.model.DEFAULT_CAPTION_RERANK
+    candidates: int = 4,  # mllm.model.DEFAULT_DRAW_CANDIDATES
     seed: int = 0,
     feature_net_steps: int = 800,
     feature_net_scenes: int = 16_384,
@@ -153,6 +154,8 @@ def run_pipeline(
             generated tokens.
         caption_beams: beam search width of the evaluation's captions (1: greedy).
         caption_rerank: weight of log p(image | caption) when those beams are reranked (0: the top beam).
+        candidates: drawings per prompt (text-to-image, a chain model's edits), the one the LM reads back as its
+            prompt likeliest kept (1: draw once).
         seed: the evaluation's sampling seed.
         feature_net_steps, feature_net_scenes: training of the feature network (stage 0), when it is made here.
     """
@@ -204,7 +207,7 @@ def run_pipeline(
     args += ["--guidance", str(guidance), "--temperature", str(temperature), "--seed", str(seed)]
     args += ["--output", str(llm_dir / "evaluation")]
     args += ["--decode_guidance", str(decode_guidance), "--num_beams", str(caption_beams)]
-    args += ["--rerank", str(caption_rerank), "--decode_steps", str(decode_steps)]
+    args += ["--rerank", str(caption_rerank), "--decode_steps", str(decode_steps), "--candidates", str(candidates)]
     if edit_guidance is not None:
         args += ["--edit_guidance", str(edit_guidance)]
     if top_k is not None:

@@ -133,6 +133,49 @@ def test_text_to_image_size_range_seed_and_guidance(model):
     assert torch.equal(codes, alone)  # timestep order: no permutation
 
 
+def test_text_to_image_keeps_the_drawing_read_back_best(model, monkeypatch):
+    # Each prompt is drawn N times; the image kept maximises log p(prompt <eos> | DDT codes of the drawing) +
+    # log p(the drawn codes | prompt), recomputed here one unpadded sequence at a time with the LM's own loss.
+    prompts = ["a large red circle in the top left", "a small green square in the bottom right", "a blue diamond"]
+    drawings, asked = [], []
+    scenes, _ = world_images(8, seed=6)  # the tiny test decoder draws about the same image from any codes: a
+
+    def draw(codes, *args, **kwargs):  # stand-in draws one of 8 world scenes per codes, so the drawings differ
+        asked.append(codes)
+        drawings.append(scenes[codes.sum(1) % 8])
+        return drawings[-1]
+
+    monkeypatch.setattr(model, "decode", draw)
+    kept = model.text_to_image(prompts, temperature=1.0, decode_steps=1, generator=gen(4), candidates=3, batch_size=2)
+    drawn, codes = torch.cat(drawings), torch.cat(asked)  # (3 * 3, ...): prompt after prompt, 3 drawings each
+    assert drawn.shape[0] == 9 and kept.shape == (3, 3, RES, RES)
+    ids = model.vocab.ids
+
+    def log_p(input_ids: list[int], labels: list[int]) -> float:
+        with torch.inference_mode():
+            loss = model.lm(input_ids=torch.tensor([input_ids]), labels=torch.tensor([labels])).loss
+        return -loss.item() * sum(label != -100 for label in labels)
+
+    reread, rows = model._visual_rows(model.encode(drawn), None), model._visual_rows(codes, None)
+    picks = []
+    for i, text in enumerate(model._text(prompts)):
+        score = [
+            log_p(*image_to_text(ids, reread[3 * i + j], text)) + log_p(*text_to_image(ids, text, rows[3 * i + j]))
+            for j in range(3)
+        ]
+        picks.append(int(np.argmax(score)))
+        assert torch.equal(kept[i], drawn[3 * i + picks[-1]])
+    assert any(not torch.equal(drawn[3 * i], drawn[3 * i + 1]) for i in range(3))  # the drawings differ
+    assert picks != [0, 0, 0]  # the check chose: not always the first drawing
+    once = model.text_to_image(prompts, decode_steps=1, generator=gen(4), candidates=1)  # the plain drawing
+    cond, null = model.text_to_image_prompts(prompts), model.text_to_image_prompts(None)
+    codes = model.generate_codes(cond, null, generator=gen(4))
+    assert torch.equal(once, scenes[codes.sum(1) % 8])
+    for bad in (0, 2.5):
+        with pytest.raises(ValueError, match="candidates"):
+            model.text_to_image(prompts, candidates=bad)
+
+
 @pytest.mark.parametrize("order", [TokenOrder("reversed"), TokenOrder("shuffled", seed=4)])
 def test_generated_codes_are_put_back_into_ddt_order_before_decoding(model, monkeypatch, order):
     ordered = model.__class__(model.lm, model.vocab, model.ddt, order)
@@ -141,7 +184,7 @@ def test_generated_codes_are_put_back_into_ddt_order_before_decoding(model, monk
     received = []
     decode = model.ddt.decode
     monkeypatch.setattr(model.ddt, "decode", lambda codes, **k: received.append(codes.clone()) or decode(codes, **k))
-    ordered.text_to_image(["a", "b"], decode_steps=1)
+    ordered.text_to_image(["a", "b"], decode_steps=1, candidates=1)
     expected = known.flip(1) if order.mode == "reversed" else order.invert(known)
     assert torch.equal(received[0], expected) and not torch.equal(expected, known)
     # and the sources of edits / captions enter prompts in the trained order
@@ -307,14 +350,23 @@ def test_a_chain_model_captions_rewrites_and_draws(export, model, tmp_path, monk
         return codes
 
     monkeypatch.setattr(model_module, "generate_image_tokens", spy)
-    edited = chain.edit(images, instructions, guidance=2.0, decode_steps=1, generator=gen(0))
+    options = dict(guidance=2.0, decode_steps=1, candidates=1)
+    edited = chain.edit(images, instructions, generator=gen(0), **options)
     cond, uncond, codes = calls[0]
     assert cond == chain.text_to_image_prompts(rewrites) and uncond == chain.text_to_image_prompts(None)
-    drawn = chain.text_to_image(rewrites, guidance=2.0, decode_steps=1, generator=gen(0))
+    drawn = chain.text_to_image(rewrites, generator=gen(0), **options)
     assert torch.equal(calls[1][2], codes) and torch.equal(edited, drawn)  # the drawing of the rewrite, draw for draw
-    model.edit(images, instructions, guidance=2.0, decode_steps=1, generator=gen(0))
+    model.edit(images, instructions, generator=gen(0), **options)
     assert calls[2][0] == model.edit_prompts(chain.ddt.encode(images), instructions)  # the direct format differs
     assert not torch.equal(calls[2][2], codes)
+    # By default the chain draws each rewrite DEFAULT_DRAW_CANDIDATES times and keeps the one read back best.
+    n = model_module.DEFAULT_DRAW_CANDIDATES
+    edited = chain.edit(images, instructions, guidance=2.0, decode_steps=1, generator=gen(0))
+    assert calls[3][0] == [row for row in chain.text_to_image_prompts(rewrites) for _ in range(n)]
+    drawn = chain.text_to_image(rewrites, guidance=2.0, decode_steps=1, generator=gen(0))
+    assert torch.equal(edited, drawn)
+    with pytest.raises(ValueError, match="candidates"):
+        model.edit(images, instructions, candidates=2)  # a direct edit has no caption to read back
     with pytest.raises(ValueError, match="2 instructions"):
         chain.rewrite(captions, instructions[:2])
     assert all(i < vocab.visual_offset for row in chain._text(rewrites) for i in row)
@@ -616,3 +668,38 @@ def test_every_image_entry_point_samples_at_the_same_temperature(monkeypatch):
             main(["--model", "x", *extra])
         defaults[name] = seen["temperature"]
     assert defaults == dict.fromkeys(defaults, expected)
+
+
+def test_every_drawing_entry_point_reads_back_the_same_number_of_candidates(monkeypatch):
+    import inspect
+
+    import ddt_lightning.mllm.commands as commands
+    from ddt_lightning.pipeline import run_pipeline
+
+    expected = model_module.DEFAULT_DRAW_CANDIDATES
+    assert expected > 1  # drawings checked by reading them back (README)
+    defaults = {
+        name: inspect.signature(fn).parameters["candidates"].default
+        for name, fn in (
+            ("DDTLlama.text_to_image", DDTLlama.text_to_image),
+            ("evaluate_world", evaluate_world),
+            ("run_pipeline", run_pipeline),
+        )
+    }
+    seen = {}
+    monkeypatch.setattr(commands, "_image_paths", lambda parser, images: [Path("x.png")])
+    monkeypatch.setattr(commands, "_load_model", lambda parser, args: seen.update(args) or sys.exit(0))
+    for name, main, extra in (
+        ("ddt evaluate", main_evaluate, []),
+        ("ddt generate", main_generate, ["--prompt", "a small red circle in the top left"]),
+    ):
+        seen.clear()
+        with pytest.raises(SystemExit):
+            main(["--model", "x", *extra])
+        defaults[name] = seen["candidates"]
+    assert defaults == dict.fromkeys(defaults, expected)
+    # Edits leave it to the model (a chain model's default; one drawing for the formats without a caption).
+    seen.clear()
+    with pytest.raises(SystemExit):
+        main_edit(["--model", "x", "--images", "x.png", "--instruction", "remove the red circle"])
+    assert seen["candidates"] is None and inspect.signature(DDTLlama.edit).parameters["candidates"].default is None

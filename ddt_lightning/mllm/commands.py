@@ -37,6 +37,7 @@ from ddt_lightning.mllm.model import (
     DEFAULT_CAPTION_BEAMS,
     DEFAULT_CAPTION_RERANK,
     DEFAULT_DECODE_GUIDANCE,
+    DEFAULT_DRAW_CANDIDATES,
     DEFAULT_IMAGE_TEMPERATURE,
     DDTLlama,
 )
@@ -78,8 +79,15 @@ def _beams_argument(parser: ArgumentParser) -> None:
     )
 
 
-def _sampling_arguments(parser: ArgumentParser, guidance: float = 3.0) -> None:
-    parser.add_argument("--guidance", type=float, default=guidance, help="classifier-free guidance scale (1: none)")
+def _sampling_arguments(parser: ArgumentParser, candidates: int | None = DEFAULT_DRAW_CANDIDATES) -> None:
+    parser.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (1: none)")
+    parser.add_argument(
+        "--candidates",
+        type=int | None,
+        default=candidates,
+        help="drawings per prompt, the one the LM reads back as its prompt likeliest kept (1: draw once)"
+        + ("" if candidates else "; default: the model's (a chain model's, else 1)"),
+    )
     parser.add_argument(
         "--temperature", type=float, default=DEFAULT_IMAGE_TEMPERATURE, help="of the image tokens (0: greedy)"
     )
@@ -95,7 +103,7 @@ def _sampling_arguments(parser: ArgumentParser, guidance: float = 3.0) -> None:
 
 
 def _sampling(args: Namespace) -> dict[str, Any]:
-    keys = ("guidance", "temperature", "top_k", "top_p", "decode_steps", "decode_guidance", "batch_size")
+    keys = ("guidance", "temperature", "top_k", "top_p", "decode_steps", "decode_guidance", "batch_size", "candidates")
     return {key: args[key] for key in keys}
 
 
@@ -313,7 +321,7 @@ def main_edit(argv: list[str] | None = None) -> int:
     parser.add_argument("--instruction", type=str, action="append", default=None, help="one for all, or one per image")
     parser.add_argument("--instructions", type=str | None, default=None, help="a file of instructions, one per line")
     parser.add_argument("--output", type=str, default="outputs/edited", help="folder for the PNGs and the index")
-    _sampling_arguments(parser)
+    _sampling_arguments(parser, candidates=None)
     args = parser.parse_args(argv)
     paths = _image_paths(parser, args.images)
     instructions = [i.strip() for i in args.instruction or []]
@@ -374,6 +382,7 @@ def main_evaluate(argv: list[str] | None = None) -> int:
             decode_guidance=args.decode_guidance,
             caption_beams=args.num_beams,
             caption_rerank=args.rerank,
+            candidates=args.candidates,
             batch_size=args.batch_size,
             generator_seed=args.seed,
             ceilings=args.ceilings,

@@ -51,6 +51,7 @@ from ddt_lightning.mllm.model import (
     DEFAULT_CAPTION_BEAMS,
     DEFAULT_CAPTION_RERANK,
     DEFAULT_DECODE_GUIDANCE,
+    DEFAULT_DRAW_CANDIDATES,
     DEFAULT_IMAGE_TEMPERATURE,
 )
 
@@ -139,6 +140,7 @@ def evaluate_world(
     max_new_tokens: int = 64,
     caption_beams: int = DEFAULT_CAPTION_BEAMS,
     caption_rerank: float = DEFAULT_CAPTION_RERANK,
+    candidates: int = DEFAULT_DRAW_CANDIDATES,
     batch_size: int = 16,
     generator_seed: int = 0,
     ceilings: bool = True,
@@ -155,6 +157,8 @@ def evaluate_world(
         generator_seed: seeds one CPU-or-device generator per task, so a task's images do not depend on the others.
         caption_beams: beam search width of the captions (1: greedy).
         caption_rerank: weight of log p(image | caption) when the beams are reranked (0: the top beam).
+        candidates: drawings per prompt, the one kept that the model reads back as its prompt likeliest - in
+            text-to-image and in a chain model's edits (the other edit formats draw once).
         ceilings: also score the DDT tokenizer's reconstructions of the ground truth (`ceiling/...`).
         num_samples: images per task kept in `samples` for grids.
     """
@@ -181,6 +185,7 @@ def evaluate_world(
             generator=generator(0),
             batch_size=batch_size,
             progress=progress,
+            candidates=candidates,
             **sampling,
         )
         found = _geneval(to_numpy_images(generated), prompts, "GenEval reader", progress)
@@ -229,6 +234,7 @@ def evaluate_world(
             generator=generator(2),
             batch_size=batch_size,
             progress=progress,
+            candidates=candidates if getattr(model, "edit_format", None) == "chain" else 1,
             **sampling,
         )
         scores |= _edit_scores(to_numpy_images(edited), samples, "edit reader", progress)

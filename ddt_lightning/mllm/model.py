@@ -71,6 +71,10 @@ DEFAULT_CAPTION_BEAMS = 8
 # ... and the beams are reranked by log p(caption | image) + DEFAULT_CAPTION_RERANK * log p(image | caption), the same
 # LM read in its text-to-image direction (0: beam search's own pick). README, "Captions checked by drawing them".
 DEFAULT_CAPTION_RERANK = 1.0
+# Text-to-image (and a chain model's drawing of its rewrites) draws this many images per prompt and keeps the one
+# maximising log p(prompt | the drawing's DDT codes, encoded again) + log p(codes | prompt): the LM reads its drawing
+# back (README, "Drawings checked by reading them back"); 1 draws once.
+DEFAULT_DRAW_CANDIDATES = 4
 DEFAULT_MAX_TEXT_TOKENS = 64  # MLLMModule's `max_text_tokens` default: captions and instructions are cut to this
 
 
@@ -354,20 +358,43 @@ class DDTLlama:
         generator: torch.Generator | None = None,
         batch_size: int = 16,
         progress: bool = False,
+        candidates: int = DEFAULT_DRAW_CANDIDATES,
     ) -> torch.Tensor:
-        """Images (B, 3, R, R) in [-1, 1] for captions, with guidance `s` against the null prompt (s = 1: none)."""
+        """Images (B, 3, R, R) in [-1, 1] for captions, with guidance `s` against the null prompt (s = 1: none).
+
+        With `candidates` N > 1, each prompt is drawn N times and the image kept maximises log p(prompt <eos> |
+        the drawing's DDT codes) + log p(codes | prompt): the LM reads its drawing back as a caption (the drawing
+        encoded again, so what the decoder drew is checked, not only what the LM asked for), and scores the codes
+        it asked for - the noisy-channel check the captions get, turned around. It costs N drawings and two
+        forward passes per drawing."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
             raise ValueError("text_to_image needs at least one prompt")
+        if not isinstance(candidates, int) or candidates < 1:
+            raise ValueError(f"candidates must be an integer >= 1, got {candidates!r}")
         self._check_sampling()
         null = self.text_to_image_prompts(None)
         images = []
         for part in _bar(_chunks(len(prompts), batch_size), "text-to-image", progress):
-            codes = self.generate_codes(
-                self.text_to_image_prompts(prompts[part]), null, guidance, temperature, top_k, top_p, generator
-            )
-            images.append(self.decode(codes, decode_steps, decode_guidance, generator))
+            cond = [row for row in self.text_to_image_prompts(prompts[part]) for _ in range(candidates)]
+            codes = self.generate_codes(cond, null, guidance, temperature, top_k, top_p, generator)
+            drawn = self.decode(codes, decode_steps, decode_guidance, generator)  # (b * N, 3, R, R)
+            images.append(drawn if candidates == 1 else self._read_back_best(prompts[part], codes, drawn, candidates))
         return torch.cat(images)  # (B, 3, R, R)
+
+    def _read_back_best(
+        self, prompts: Sequence[str], codes: torch.Tensor, drawn: torch.Tensor, per_prompt: int
+    ) -> torch.Tensor:
+        """Of each prompt's `per_prompt` drawings (consecutive rows of `codes` and `drawn`), the one maximising
+        log p(prompt <eos> | the drawing's codes, encoded again) + log p(codes | prompt) (the first of equals)."""
+        ids, texts = self.vocab.ids, self._text(prompts)
+        reread = self._visual_rows(self.ddt.encode(drawn), None)
+        asked = self._visual_rows(codes, None)
+        forward = [image_to_text(ids, row, texts[i // per_prompt]) for i, row in enumerate(reread)]
+        backward = [text_to_image(ids, texts[i // per_prompt], row) for i, row in enumerate(asked)]
+        score = sequence_log_likelihood(self.lm, forward, ids.pad) + sequence_log_likelihood(self.lm, backward, ids.pad)
+        best = score.view(-1, per_prompt).argmax(1) + torch.arange(len(prompts)) * per_prompt  # (b,)
+        return drawn[best.to(drawn.device)]
 
     @torch.inference_mode()
     def caption(
@@ -479,18 +506,28 @@ class DDTLlama:
         generator: torch.Generator | None = None,
         batch_size: int = 16,
         progress: bool = False,
+        candidates: int | None = None,
     ) -> torch.Tensor:
         """Edited images (B, 3, R, R) in [-1, 1] of sources (B, 3, R, R) and instructions (one, or one per image);
         guidance `s` on the instruction (the null prompt keeps the source and drops the instruction).
 
         A `chain` model edits through words: it captions each source (`caption`'s defaults: reranked beams), rewrites
-        the caption under the instruction (`rewrite`) and draws the rewrite (`text_to_image`: guidance `s` against
-        the null prompt); `edit_captions` gives the rewrites."""
+        the caption under the instruction (`rewrite`) and draws the rewrite (`text_to_image`: guidance `s`
+        against the null prompt, `candidates` drawings read back against the rewrite; None: DEFAULT_DRAW_CANDIDATES);
+        `edit_captions` gives the rewrites. The other formats draw once (no caption states their target: None or
+        1)."""
         images = self._check_images(images)
         b = images.shape[0]
         instructions = [instructions] * b if isinstance(instructions, str) else list(instructions)
         if len(instructions) != b:
             raise ValueError(f"{len(instructions)} instructions for {b} images (give one, or one per image)")
+        if candidates is None:
+            candidates = DEFAULT_DRAW_CANDIDATES if self.edit_format == "chain" else 1
+        if candidates != 1 and self.edit_format != "chain":
+            raise ValueError(
+                f"candidates {candidates}: only a chain model reads its edits back (against its rewrite); this one "
+                f"edits {self.edit_format} - pass candidates=1"
+            )
         self._check_sampling()
         out = []
         for part in _bar(_chunks(b, batch_size), "edits", progress):
@@ -507,6 +544,7 @@ class DDTLlama:
                     decode_guidance=decode_guidance,
                     generator=generator,
                     batch_size=len(targets),
+                    candidates=candidates,
                 )
                 out.append(drawn)
                 continue
