@@ -703,3 +703,7 @@ def test_every_drawing_entry_point_reads_back_the_same_number_of_candidates(monk
     with pytest.raises(SystemExit):
         main_edit(["--model", "x", "--images", "x.png", "--instruction", "remove the red circle"])
     assert seen["candidates"] is None and inspect.signature(DDTLlama.edit).parameters["candidates"].default is None
+    seen.clear()
+    with pytest.raises(SystemExit):  # refused while parsing, before the model is loaded
+        main_generate(["--model", "x", "--prompt", "a small red circle in the top left", "--candidates", "0"])
+    assert not seen

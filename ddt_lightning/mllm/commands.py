@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 from jsonargparse import ArgumentParser, Namespace
+from jsonargparse.typing import PositiveInt
 from tqdm import tqdm
 
 from ddt_lightning.data.images import BadImageError, ImageTransform, load_rgb
@@ -83,7 +84,7 @@ def _sampling_arguments(parser: ArgumentParser, candidates: int | None = DEFAULT
     parser.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (1: none)")
     parser.add_argument(
         "--candidates",
-        type=int | None,
+        type=PositiveInt | None,
         default=candidates,
         help="drawings per prompt, the one the LM reads back as its prompt likeliest kept (1: draw once)"
         + ("" if candidates else "; default: the model's (a chain model's, else 1)"),
