@@ -585,11 +585,35 @@ def test_every_entry_point_decodes_generated_tokens_in_the_same_steps(export, mo
     assert seen == [expected, expected]
 
 
+COMMANDS = {  # each entry-point command with what it needs besides --model to reach the model loader
+    "ddt evaluate": (main_evaluate, []),
+    "ddt caption": (main_caption, []),
+    "ddt generate": (main_generate, ["--prompt", "a small red circle in the top left"]),
+    "ddt edit": (main_edit, ["--images", "x.png", "--instruction", "remove the red circle"]),
+}
+
+
+def command_arguments(monkeypatch, names: list[str], extra: list[str] = ()) -> dict[str, dict]:
+    """The parsed arguments each named command hands to the model loader, which stops it there ({} if it stopped
+    before: refused while parsing)."""
+    import ddt_lightning.mllm.commands as commands
+
+    seen, out = {}, {}
+    monkeypatch.setattr(commands, "_image_paths", lambda parser, images: [Path("x.png")])
+    monkeypatch.setattr(commands, "_load_model", lambda parser, args: seen.update(args) or sys.exit(0))
+    for name in names:
+        main, args = COMMANDS[name]
+        seen.clear()
+        with pytest.raises(SystemExit):
+            main(["--model", "x", *args, *extra])
+        out[name] = dict(seen)
+    return out
+
+
 def test_every_caption_entry_point_uses_the_same_beams_and_reranking(monkeypatch):
     # As with the decoder's guidance: a caption figure from the API, a command or the pipeline must mean the same.
     import inspect
 
-    import ddt_lightning.mllm.commands as commands
     from ddt_lightning.pipeline import run_pipeline
 
     expected = {"beams": model_module.DEFAULT_CAPTION_BEAMS, "rerank": model_module.DEFAULT_CAPTION_RERANK}
@@ -616,15 +640,10 @@ def test_every_caption_entry_point_uses_the_same_beams_and_reranking(monkeypatch
             "rerank": default(run_pipeline, "caption_rerank"),
         },
     }
-    seen = {}
-    monkeypatch.setattr(commands, "_image_paths", lambda parser, images: [Path("x.png")])
-    monkeypatch.setattr(commands, "_load_model", lambda parser, args: seen.update(args) or sys.exit(0))
-    for name, main in (("ddt evaluate", main_evaluate), ("ddt caption", main_caption)):
-        seen.clear()
-        with pytest.raises(SystemExit):
-            main(["--model", "x"])
-        defaults[name] = {"beams": seen["num_beams"], "rerank": seen["rerank"]}
+    for name, args in command_arguments(monkeypatch, ["ddt evaluate", "ddt caption"]).items():
+        defaults[name] = {"beams": args["num_beams"], "rerank": args["rerank"]}
     assert defaults == dict.fromkeys(defaults, expected)
+    seen = {}
 
     # ... and the evaluation hands its settings to the model.
     class Recorder(Oracle):
@@ -640,7 +659,6 @@ def test_every_caption_entry_point_uses_the_same_beams_and_reranking(monkeypatch
 def test_every_image_entry_point_samples_at_the_same_temperature(monkeypatch):
     import inspect
 
-    import ddt_lightning.mllm.commands as commands
     from ddt_lightning.pipeline import run_pipeline
 
     expected = model_module.DEFAULT_IMAGE_TEMPERATURE
@@ -655,25 +673,14 @@ def test_every_image_entry_point_samples_at_the_same_temperature(monkeypatch):
             ("run_pipeline", run_pipeline),
         )
     }
-    seen = {}
-    monkeypatch.setattr(commands, "_image_paths", lambda parser, images: [Path("x.png")])
-    monkeypatch.setattr(commands, "_load_model", lambda parser, args: seen.update(args) or sys.exit(0))
-    for name, main, extra in (
-        ("ddt evaluate", main_evaluate, []),
-        ("ddt generate", main_generate, ["--prompt", "a small red circle in the top left"]),
-        ("ddt edit", main_edit, ["--images", "x.png", "--instruction", "remove the red circle"]),
-    ):
-        seen.clear()
-        with pytest.raises(SystemExit):
-            main(["--model", "x", *extra])
-        defaults[name] = seen["temperature"]
+    for name, args in command_arguments(monkeypatch, ["ddt evaluate", "ddt generate", "ddt edit"]).items():
+        defaults[name] = args["temperature"]
     assert defaults == dict.fromkeys(defaults, expected)
 
 
 def test_every_drawing_entry_point_reads_back_the_same_number_of_candidates(monkeypatch):
     import inspect
 
-    import ddt_lightning.mllm.commands as commands
     from ddt_lightning.pipeline import run_pipeline
 
     expected = model_module.DEFAULT_DRAW_CANDIDATES
@@ -686,24 +693,11 @@ def test_every_drawing_entry_point_reads_back_the_same_number_of_candidates(monk
             ("run_pipeline", run_pipeline),
         )
     }
-    seen = {}
-    monkeypatch.setattr(commands, "_image_paths", lambda parser, images: [Path("x.png")])
-    monkeypatch.setattr(commands, "_load_model", lambda parser, args: seen.update(args) or sys.exit(0))
-    for name, main, extra in (
-        ("ddt evaluate", main_evaluate, []),
-        ("ddt generate", main_generate, ["--prompt", "a small red circle in the top left"]),
-    ):
-        seen.clear()
-        with pytest.raises(SystemExit):
-            main(["--model", "x", *extra])
-        defaults[name] = seen["candidates"]
+    for name, args in command_arguments(monkeypatch, ["ddt evaluate", "ddt generate"]).items():
+        defaults[name] = args["candidates"]
     assert defaults == dict.fromkeys(defaults, expected)
     # Edits leave it to the model (a chain model's default; one drawing for the formats without a caption).
-    seen.clear()
-    with pytest.raises(SystemExit):
-        main_edit(["--model", "x", "--images", "x.png", "--instruction", "remove the red circle"])
-    assert seen["candidates"] is None and inspect.signature(DDTLlama.edit).parameters["candidates"].default is None
-    seen.clear()
-    with pytest.raises(SystemExit):  # refused while parsing, before the model is loaded
-        main_generate(["--model", "x", "--prompt", "a small red circle in the top left", "--candidates", "0"])
-    assert not seen
+    assert command_arguments(monkeypatch, ["ddt edit"])["ddt edit"]["candidates"] is None
+    assert inspect.signature(DDTLlama.edit).parameters["candidates"].default is None
+    # A count below 1 is refused while parsing, before the model is loaded.
+    assert command_arguments(monkeypatch, ["ddt generate"], ["--candidates", "0"]) == {"ddt generate": {}}
