@@ -392,9 +392,7 @@ class DDTLlama:
         asked = self._visual_rows(codes, None)
         forward = [image_to_text(ids, row, texts[i // per_prompt]) for i, row in enumerate(reread)]
         backward = [text_to_image(ids, texts[i // per_prompt], row) for i, row in enumerate(asked)]
-        score = sequence_log_likelihood(self.lm, forward, ids.pad) + sequence_log_likelihood(self.lm, backward, ids.pad)
-        best = score.view(-1, per_prompt).argmax(1) + torch.arange(len(prompts)) * per_prompt  # (b,)
-        return drawn[best.to(drawn.device)]
+        return drawn[self._channel_best(forward, backward, 1.0, per_prompt).to(drawn.device)]
 
     @torch.inference_mode()
     def caption(
@@ -479,18 +477,23 @@ class DDTLlama:
         """The hypothesis c of each image v maximising log p(c <eos> | v) + weight * log p(v | c); `hypotheses` holds
         `per_image` rows per image, best beam first (which wins ties). Both terms are the LM's own likelihoods of
         its training formats (image-to-text and text-to-image), scored in padded batches."""
-        ids, chosen = self.vocab.ids, []
+        ids = self.vocab.ids
         # The t2i prompt holds the caption as training did: cut to max_text_tokens (a longer one is scored cut).
         captions = [row[: self.max_text_tokens] for row in hypotheses]
         forward = [image_to_text(ids, images[i // per_image], c) for i, c in enumerate(hypotheses)]
         backward = [text_to_image(ids, c, images[i // per_image]) for i, c in enumerate(captions)]
-        score = sequence_log_likelihood(self.lm, forward, ids.pad) + weight * sequence_log_likelihood(
-            self.lm, backward, ids.pad
-        )  # (B * per_image,)
-        for i in range(len(images)):
-            best = int(torch.argmax(score[i * per_image : (i + 1) * per_image]))  # argmax: the first of equals
-            chosen.append(hypotheses[i * per_image + best])
-        return chosen
+        return [hypotheses[i] for i in self._channel_best(forward, backward, weight, per_image).tolist()]
+
+    def _channel_best(
+        self, forward: list[Example], backward: list[Example], weight: float, per_group: int
+    ) -> torch.Tensor:
+        """Noisy-channel choice (Yee et al. 2019) shared by the captions' and the drawings' checks: of each group of
+        `per_group` consecutive candidates, the row index maximising the LM's log-likelihood of its `forward`
+        sequence + `weight` x that of its `backward` one (the first of equals): (groups,) long on the CPU."""
+        score = sequence_log_likelihood(self.lm, forward, self.vocab.ids.pad)
+        score = score + weight * sequence_log_likelihood(self.lm, backward, self.vocab.ids.pad)  # (groups * per_group,)
+        groups = score.numel() // per_group
+        return score.view(groups, per_group).argmax(1) + torch.arange(groups) * per_group  # argmax: first of equals
 
     @torch.inference_mode()
     def edit(
