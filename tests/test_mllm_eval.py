@@ -326,12 +326,16 @@ def test_a_caption_first_model_writes_the_target_caption_then_draws_it(export, m
         DDTLlama(first.lm, vocab, first.ddt, edit_format="captions")
 
 
-def test_a_chain_model_captions_rewrites_and_draws(export, model, tmp_path, monkeypatch):
-    root = tmp_path / "chain"
+def chain_model(export, root: Path) -> DDTLlama:
+    """The tiny export, loaded as a chain model (it edits by captioning, rewriting and drawing)."""
     shutil.copytree(export[0], root)
     config_file = root / "lm" / "ddt_llm.json"
     config_file.write_text(json.dumps(json.loads(config_file.read_text()) | {"edit_format": "chain"}))
-    chain = DDTLlama.from_pretrained(root)
+    return DDTLlama.from_pretrained(root)
+
+
+def test_a_chain_model_captions_rewrites_and_draws(export, model, tmp_path, monkeypatch):
+    chain = chain_model(export, tmp_path / "chain")
     ids, vocab = chain.vocab.ids, chain.vocab
     images, samples = world_images(3)
     instructions = [s.edit_instruction for s in samples]
@@ -370,6 +374,28 @@ def test_a_chain_model_captions_rewrites_and_draws(export, model, tmp_path, monk
     with pytest.raises(ValueError, match="2 instructions"):
         chain.rewrite(captions, instructions[:2])
     assert all(i < vocab.visual_offset for row in chain._text(rewrites) for i in row)
+
+
+def test_a_rewrite_is_the_best_beam_that_changes_the_caption(export, tmp_path, monkeypatch):
+    chain = chain_model(export, tmp_path / "chain")
+    samples = world_images(3)[1]
+    captions, instructions = [s.caption for s in samples], [s.edit_instruction for s in samples]
+    beams, generate_text = [], model_module.generate_text
+
+    def spy(*args, **kwargs):
+        beams.append((kwargs["num_return_sequences"], generate_text(*args, **kwargs)))
+        return beams[-1][1]
+
+    monkeypatch.setattr(model_module, "generate_text", spy)
+    rewrites = chain.rewrite(captions, instructions)
+    [(count, out)] = beams  # one beam search for the three
+    assert count == 2 and len(out) == 6 and all(out[2 * i] != out[2 * i + 1] for i in range(3))
+    assert rewrites == chain.vocab.decode_text(out[0::2])  # the random LM never copies: its best beams
+    # Where the best beam is the unchanged caption, the next one is the rewrite; the copy is never returned.
+    sources = chain._text(captions)
+    forced = [sources[0], [7, 8], [9], sources[1], sources[2], sources[0]]
+    monkeypatch.setattr(model_module, "generate_text", lambda *a, **k: forced)
+    assert chain.rewrite(captions, instructions) == chain.vocab.decode_text([[7, 8], [9], sources[0]])
 
 
 # ------------------------------------------------------------------------------------------------------ evaluation

@@ -265,14 +265,23 @@ class DDTLlama:
         return [prompt_of(rewrite(self.vocab.ids, caption, text, [])) for caption, text in pairs]
 
     def rewrite(self, captions: Sequence[str], instructions: Sequence[str], batch_size: int = 32) -> list[str]:
-        """A scene's caption rewritten under an edit instruction, in words (beam search; chain models, whose LM
-        learned the `rewrite` task)."""
+        """A scene's caption rewritten under an edit instruction, in words (chain models, whose LM learned the
+        `rewrite` task): the most likely of the beams that changes the caption.
+
+        An instruction always changes the scene, so the unchanged caption is never a rewrite; yet copying is what
+        the LM does best, and beam search ranks the copy first for 13 % of held-out true captions (the main job's
+        export; most of them recolourings): skipping it lifts the rewrites from 0.516 to 0.547 exact (README,
+        "Editing through words")."""
         if len(captions) != len(instructions):
             raise ValueError(f"{len(captions)} captions but {len(instructions)} instructions")
         texts: list[list[int]] = []
         for part in _chunks(len(captions), batch_size):
+            sources = self._text(captions[part])
             prompts = self.rewrite_prompts(captions[part], instructions[part])
-            texts += self._continue_with_text(prompts, stop_id=self.vocab.ids.eos)
+            beams = self._continue_with_text(prompts, stop_id=self.vocab.ids.eos, num_return_sequences=2)
+            for row, source in enumerate(sources):  # the best beam unless it is the copy (two beams are never equal)
+                first, second = beams[2 * row], beams[2 * row + 1]
+                texts.append(second if first == source else first)
         return self.vocab.decode_text(texts)
 
     # -------------------------------------------------------------------------------------------------- codes
@@ -578,8 +587,11 @@ class DDTLlama:
         return self.vocab.decode_text(captions)
 
     @torch.inference_mode()
-    def _continue_with_text(self, prompts: list[list[int]], stop_id: int) -> list[list[int]]:
-        """Text ids continuing each prompt until `stop_id` (excluded), by beam search; no visual or special ids."""
+    def _continue_with_text(
+        self, prompts: list[list[int]], stop_id: int, num_return_sequences: int = 1
+    ) -> list[list[int]]:
+        """Text ids continuing each prompt until `stop_id` (excluded), by beam search; no visual or special ids.
+        `num_return_sequences` > 1: that many best beams per prompt, prompt after prompt."""
         ids = self.vocab.ids
         specials = tuple(i for i in (ids.boi, ids.eoi, ids.null, ids.pad, ids.bos, ids.eos) if i != stop_id)
         return generate_text(
@@ -590,4 +602,5 @@ class DDTLlama:
             range(self.vocab.visual_offset, self.logits_width),
             forbid_ids=specials,
             num_beams=DEFAULT_CAPTION_BEAMS,
+            num_return_sequences=num_return_sequences,
         )
