@@ -421,6 +421,7 @@ class Oracle:
     """A stand-in DDTLlama that draws the held-out ground truth: the wiring of the evaluation is what is tested."""
 
     resolution = 32
+    reads_back_edits = False  # a direct model: its edits are drawn once
 
     def __init__(self, seed: int, shift: int = 0) -> None:
         world = held_out_world(seed, self.resolution)
@@ -677,9 +678,20 @@ def test_every_caption_entry_point_uses_the_same_beams_and_reranking(monkeypatch
             seen["caption_options"] = options
             return super().caption(images, **options)
 
-    options = dict(num_prompts=0, num_captions=2, num_edits=0, progress=False)
-    evaluate_world(Recorder(seed=1), seed=1, caption_beams=3, caption_rerank=0.5, **options)
+        def edit(self, images, instructions, **options):
+            seen["edit_candidates"] = options["candidates"]
+            return super().edit(images, instructions, **options)
+
+    options = dict(num_prompts=0, num_captions=2, num_edits=2, ceilings=False, progress=False)
+    evaluate_world(Recorder(seed=1), seed=1, caption_beams=3, caption_rerank=0.5, candidates=3, **options)
     assert seen["caption_options"]["num_beams"] == 3 and seen["caption_options"]["rerank"] == 0.5
+    assert seen["edit_candidates"] == 1  # a direct model draws its edits once ...
+
+    class ChainRecorder(Recorder):
+        reads_back_edits = True
+
+    evaluate_world(ChainRecorder(seed=1), seed=1, candidates=3, **options)
+    assert seen["edit_candidates"] == 3  # ... a chain model reads back as many as asked
 
 
 def test_every_image_entry_point_samples_at_the_same_temperature(monkeypatch):

@@ -234,7 +234,7 @@ def evaluate_world(
             generator=generator(2),
             batch_size=batch_size,
             progress=progress,
-            candidates=candidates if getattr(model, "edit_format", None) == "chain" else 1,
+            candidates=candidates if model.reads_back_edits else 1,
             **sampling,
         )
         scores |= _edit_scores(to_numpy_images(edited), samples, "edit reader", progress)

@@ -224,6 +224,12 @@ class DDTLlama:
             f"token order {self.order.to_dict()})"
         )
 
+    @property
+    def reads_back_edits(self) -> bool:
+        """Whether `edit` takes `candidates` > 1: a chain model's edits are drawings of its rewrites, read back
+        against them; the other formats have no caption stating their target."""
+        return self.edit_format == "chain"
+
     # ------------------------------------------------------------------------------------------------ prompts
     def _text(self, texts: Sequence[str]) -> list[list[int]]:
         return self.vocab.encode_text(texts, self.max_text_tokens)
@@ -534,8 +540,8 @@ class DDTLlama:
         if len(instructions) != b:
             raise ValueError(f"{len(instructions)} instructions for {b} images (give one, or one per image)")
         if candidates is None:
-            candidates = DEFAULT_DRAW_CANDIDATES if self.edit_format == "chain" else 1
-        if candidates != 1 and self.edit_format != "chain":
+            candidates = DEFAULT_DRAW_CANDIDATES if self.reads_back_edits else 1
+        if candidates != 1 and not self.reads_back_edits:
             raise ValueError(
                 f"candidates {candidates}: only a chain model reads its edits back (against its rewrite); this one "
                 f"edits {self.edit_format} - pass candidates=1"
