@@ -11,7 +11,7 @@ design.md sections 1-2 and 4, stage by stage, all in one MLflow experiment, each
 
 A stage whose output already exists for the same inputs is reused, not recomputed, and the pipeline says so (an
 existing feature network is used as it is, and the digest of its weights is part of the tokenizer's key): the
-tokenizer and LLM exports carry a `stage.json` with the digest of their config files (and, for the LLM, of the
+tokenizer and LLM exports carry a `stage.json` with the digest of their parsed config files (and, for the LLM, of the
 tokenizer and the shards it read) and the figures the stage reported; the shards carry their own manifest
 (`ddt_lightning/pretokenize.py`). The last line of standard output is one JSON object: the tokenizer's held-out
 figures (`psnr_onestep`, `psnr_sampler`, `sampler_steps`, `usage`, `prefix_psnr`; its folder as
@@ -86,17 +86,19 @@ def _features_or_reuse(folder: str, resolution: int, steps: int, scenes: int) ->
     return status, _file_digest(Path(folder) / WEIGHTS_NAME)
 
 
-def _texts(configs: list[str]) -> list[str]:
-    return [Path(c).read_text() for c in configs]
+def stage_key(configs: list[str], inputs: list[Any]) -> str:
+    """What a trained stage is keyed on: its config files as parsed YAML (so comments and layout do not count, every
+    value does, in file order) and the digests of its inputs."""
+    return _digest([yaml.safe_load(Path(c).read_text()) for c in configs], *inputs)
 
 
 def _fit_or_reuse(
     stage: str, configs: list[str], inputs: list[Any], experiment: str, wiring: list[str]
 ) -> tuple[dict[str, Any], str]:
-    """Run `ddt fit` for a stage unless its export already records the same key (its config files' text and the
-    digests of its inputs); returns (the figures the stage reported, "trained" | "reused")."""
+    """Run `ddt fit` for a stage unless its export already records the same key (its config files' values and the
+    digests of its inputs, `stage_key`); returns (the figures the stage reported, "trained" | "reused")."""
     folder = Path(_config_value(configs, "export_dir"))
-    key = _digest(_texts(configs), *inputs)
+    key = stage_key(configs, inputs)
     record = folder / STAGE_FILE
     if record.is_file() and (saved := json.loads(record.read_text())).get("key") == key:
         _say(f"{stage}: reusing {folder} (trained with the same {' + '.join(configs)} and inputs)")

@@ -84,3 +84,21 @@ def test_pipeline_runs_every_stage_then_reuses_them(tmp_path, monkeypatch, capsy
     for key in ("psnr_onestep", "prefix_psnr", "perplexity_text"):
         assert again[key] == summary[key]
     assert len(client.search_runs([experiment.experiment_id])) == 4  # only the evaluation ran again
+
+
+def test_stage_key_follows_values_not_comments_or_layout(tmp_path):
+    from ddt_lightning.pipeline import stage_key
+
+    config = tmp_path / "llm.yaml"
+    config.write_text("trainer:\n  max_steps: 3800\nmodel:\n  lr: 0.001\n")
+    key = stage_key([str(config)], ["tokenizer-digest"])
+    config.write_text("# a note\ntrainer: {max_steps: 3800}  # steps\n\nmodel:\n    lr: 1.0e-3\n")
+    assert stage_key([str(config)], ["tokenizer-digest"]) == key  # a comment or reflow does not retrain
+    assert stage_key([str(config)], ["another tokenizer"]) != key  # an input does
+    config.write_text("trainer:\n  max_steps: 3801\nmodel:\n  lr: 0.001\n")
+    assert stage_key([str(config)], ["tokenizer-digest"]) != key  # and so does any value
+    other = tmp_path / "overlay.yaml"
+    other.write_text("trainer:\n  max_steps: 3800\n")
+    assert stage_key([str(config), str(other)], ["tokenizer-digest"]) != stage_key(
+        [str(other), str(config)], ["tokenizer-digest"]
+    )  # the last file wins in `ddt fit`, so the order of the files is part of the key
