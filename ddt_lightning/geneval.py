@@ -43,7 +43,6 @@ exactly the scene's objects), `edit_success` (the detected objects are exactly t
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -54,14 +53,12 @@ from scipy.optimize import linear_sum_assignment
 
 from ddt_lightning.data.world import (
     BACKGROUND,
-    CAPTION_TEMPLATES,
     COLOURS,
-    QUADRANTS,
-    SHAPES,
-    SIZES,
     Scene,
     World,
     WorldObject,
+    phrase_identity,
+    split_caption,
 )
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -364,28 +361,14 @@ def geneval_scores(images: Sequence[np.ndarray] | np.ndarray, prompts: Sequence[
 # Captioning and editing
 # ---------------------------------------------------------------------------------------------------------------
 
-_PHRASE = re.compile(
-    rf"a ({'|'.join(SIZES)}) ({'|'.join(COLOURS)}) ({'|'.join(SHAPES)}) in the ({'|'.join(QUADRANTS)})"
-)
-_AFFIXES: tuple[tuple[str, str], ...] = tuple(tuple(t.split("{objects}")) for t in CAPTION_TEMPLATES)  # type: ignore[misc]
-
 
 def parse_caption(text: str) -> list[tuple[str, str, str, str]]:
     """Objects named by a caption in the world's grammar, as (shape, colour, size, quadrant) like `identity()`.
 
     Grammar: a template's prefix, then "P", "P1 and P2" or "P1, P2, ... and Pn" with each P "a {size} {colour}
-    {shape} in the {quadrant}". Raises ValueError on anything else.
+    {shape} in the {quadrant}" (`world.split_caption`). Raises ValueError on anything else.
     """
-    text = text.strip()
-    for prefix, suffix in sorted(_AFFIXES, key=lambda a: -len(a[0])):  # longest prefix first
-        if text.startswith(prefix) and text.endswith(suffix) and len(text) > len(prefix) + len(suffix):
-            body = text[len(prefix) : len(text) - len(suffix)]
-            head, sep, last = body.rpartition(" and ")
-            phrases = [*head.split(", "), last] if sep else [body]
-            matches = [_PHRASE.fullmatch(p) for p in phrases]
-            if all(matches):
-                return [(m[3], m[2], m[1], m[4]) for m in matches]  # type: ignore[index]
-    raise ValueError(f"not a caption of the world's grammar: {text!r}")
+    return [phrase_identity(p) for p in split_caption(text).phrases]
 
 
 def caption_accuracy(predicted_caption: str, scene: Scene) -> bool:

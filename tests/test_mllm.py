@@ -713,3 +713,75 @@ def test_codebook_init_gives_visual_rows_the_codebook_geometry_and_leaves_text_r
         MLLMModule(lm=MICRO_LM, tokens="pretokenized", num_codes=64, num_tokens=8, visual_embedding_init="codebook")
     with pytest.raises(ValueError, match="visual_embedding_init"):
         MLLMModule(lm=MICRO_LM, tokenizer_path=str(ddt_dir), visual_embedding_init="kmeans")
+
+
+def _caption_of_row(module: MLLMModule, seq, row: int) -> str:
+    """The text between <bos> and <boi> (t2i) of one row."""
+    tokens = seq.input_ids[row].tolist()
+    ids = module.vocab.ids
+    return module.vocab.decode_text([tokens[tokens.index(ids.bos) + 1 : tokens.index(ids.boi)]])[0]
+
+
+def test_shuffle_phrases_reorders_the_objects_of_training_t2i_captions_only(ddt_dir, captions):
+    from ddt_lightning.data.world import split_caption
+
+    module = make_module(ddt_dir, captions, tasks={"t2i": 1.0, "i2t": 1.0}, shuffle_phrases=1.0)
+    batch = world_batch(8, edits=False)
+    tasks = ["t2i"] * 6 + ["i2t"] * 2
+    module.train()
+    seen_new_order = False
+    for seed in range(4):
+        seq = module.sequences(batch, tasks, None, torch.Generator().manual_seed(seed))
+        again = module.sequences(batch, tasks, None, torch.Generator().manual_seed(seed))
+        assert torch.equal(seq.input_ids, again.input_ids)  # a function of the step's generator
+        for row in range(6):
+            drawn, given = split_caption(_caption_of_row(module, seq, row)), split_caption(batch["caption"][row])
+            assert (drawn.prefix, sorted(drawn.phrases)) == (given.prefix, sorted(given.phrases))  # same objects
+            seen_new_order |= drawn.phrases != given.phrases
+    assert seen_new_order
+    # Captioning targets, evaluation and a module without the option keep the data's order.
+    plain = module.sequences(batch, ["i2t"] * 8, None, torch.Generator().manual_seed(0))
+    assert torch.equal(seq.input_ids[6:], plain.input_ids[6:])
+    module.eval()
+    kept = module.sequences(batch, tasks, None, torch.Generator().manual_seed(0))
+    assert [_caption_of_row(module, kept, r) for r in range(6)] == batch["caption"][:6]
+    module.train()
+    batch["caption"][0] = "a dog on a sofa"
+    with pytest.raises(ValueError, match=r"shuffle_phrases.*'a dog on a sofa'"):
+        module.sequences(batch, tasks, None, torch.Generator())
+    with pytest.raises(ValueError, match="shuffle_phrases must be in"):
+        MLLMModule(lm=MICRO_LM, tokenizer_path=str(ddt_dir), shuffle_phrases=1.5)
+
+
+def test_rewrite_in_place_keeps_the_source_order_with_one_phrase_replaced(ddt_dir, captions):
+    from ddt_lightning.modules.mllm import in_place_target
+
+    red, blue = "a large red circle in the top left", "a small blue square in the bottom left"
+    green = "a small green triangle in the bottom right"
+    source = f"{red}, {blue} and {green}"
+    moved = "a large red circle in the bottom right"  # reading order puts it last
+    assert in_place_target(source, f"{blue}, {green} and {moved}") == f"{moved}, {blue} and {green}"
+    recoloured = "a large cyan circle in the top left"
+    target = f"an image of {recoloured}, {blue} and {green}"
+    assert in_place_target(source, target) == target  # the target's template, the same order here
+    assert in_place_target(source, f"{red} and {green}") == f"{red} and {green}"  # a removal as it is
+    added = f"{red}, {blue}, {green} and a small red square in the top right"
+    assert in_place_target(source, added) == added  # an addition too
+    # In the module: the rewrite rows' targets, the in-place form of the world's edited captions.
+    module = make_module(
+        ddt_dir, captions, tasks={"t2i": 1, "i2t": 1, "rewrite": 1}, edit_format="chain", rewrite_in_place=True
+    )
+    batch = world_batch(8)
+    world = World(seed=1, resolution=16, supersample=1)
+    batch["edit_caption"] = [world.sample(i).edited_scene.caption() for i in range(8)]
+    module.train()
+    seq = module.sequences(batch, ["rewrite"] * 8, None, torch.Generator())
+    vocab, eos = module.vocab, module.vocab.ids.eos
+    changed = 0
+    for row in range(8):
+        tokens = seq.input_ids[row].tolist()
+        second = tokens.index(eos, tokens.index(eos) + 1)
+        written = vocab.decode_text([tokens[second + 1 : tokens.index(eos, second + 1)]])[0]
+        assert written == in_place_target(batch["caption"][row], batch["edit_caption"][row])
+        changed += written != batch["edit_caption"][row]
+    assert changed > 0  # some of the eight edits moved an object past another

@@ -22,7 +22,10 @@ from ddt_lightning.data.world import (
     World,
     WorldObject,
     describe,
+    phrase_identity,
+    reading_order,
     render,
+    split_caption,
 )
 
 N = 120  # samples per property test: enough to see every edit kind, fast (about 0.1 s)
@@ -225,3 +228,24 @@ def test_quadrant_vocabulary_and_invalid_arguments():
         World(max_objects=0)
     with pytest.raises(ValueError, match="resolution"):
         World(resolution=4)
+
+
+def test_split_caption_cuts_every_world_caption_into_its_phrases_and_back():
+    world = World(seed=5)
+    for i in range(60):
+        sample = world.sample(i)
+        for scene, caption in ((sample.scene, sample.caption), (sample.edited_scene, sample.edited_scene.caption())):
+            parts = split_caption(caption)
+            assert parts.text() == caption
+            assert list(parts.phrases) == [o.phrase() for o in reading_order(scene.objects)]
+            assert [phrase_identity(p) for p in parts.phrases] == [o.identity() for o in reading_order(scene.objects)]
+    parts = split_caption("an image of a large red circle in the top left and a small blue square in the bottom right")
+    assert parts.prefix == "an image of " and parts.suffix == ""
+    assert (
+        parts.with_phrases(parts.phrases[::-1]).text()
+        == "an image of a small blue square in the bottom right and a large red circle in the top left"
+    )
+    with pytest.raises(ValueError, match="grammar: 'a red circle'"):
+        split_caption("a red circle")
+    with pytest.raises(ValueError, match="object phrase"):
+        phrase_identity("a large red circle")

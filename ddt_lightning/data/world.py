@@ -24,6 +24,7 @@ object has a unique description.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -139,6 +140,50 @@ def _join(phrases: list[str]) -> str:
     if len(phrases) == 1:
         return phrases[0]
     return ", ".join(phrases[:-1]) + " and " + phrases[-1]
+
+
+_PHRASE = re.compile(
+    rf"a ({'|'.join(SIZES)}) ({'|'.join(COLOURS)}) ({'|'.join(SHAPES)}) in the ({'|'.join(QUADRANTS)})"
+)
+_AFFIXES: tuple[tuple[str, str], ...] = tuple(tuple(t.split("{objects}")) for t in CAPTION_TEMPLATES)  # type: ignore[misc]
+
+
+@dataclass(frozen=True)
+class CaptionParts:
+    """A caption of the world's grammar cut into its template's prefix and suffix and one phrase per object
+    (`WorldObject.phrase()`, in the caption's order); `text()` puts it back together."""
+
+    prefix: str
+    phrases: tuple[str, ...]
+    suffix: str
+
+    def text(self) -> str:
+        return self.prefix + _join(list(self.phrases)) + self.suffix
+
+    def with_phrases(self, phrases: list[str] | tuple[str, ...]) -> CaptionParts:
+        return CaptionParts(self.prefix, tuple(phrases), self.suffix)
+
+
+def split_caption(text: str) -> CaptionParts:
+    """Cut a caption of the world's grammar: a template's prefix, then "P", "P1 and P2" or "P1, P2, ... and Pn" with
+    each P "a {size} {colour} {shape} in the {quadrant}". Raises ValueError naming the text on anything else."""
+    text = text.strip()
+    for prefix, suffix in sorted(_AFFIXES, key=lambda a: -len(a[0])):  # longest prefix first
+        if text.startswith(prefix) and text.endswith(suffix) and len(text) > len(prefix) + len(suffix):
+            body = text[len(prefix) : len(text) - len(suffix)]
+            head, sep, last = body.rpartition(" and ")
+            phrases = [*head.split(", "), last] if sep else [body]
+            if all(_PHRASE.fullmatch(p) for p in phrases):
+                return CaptionParts(prefix, tuple(phrases), suffix)
+    raise ValueError(f"not a caption of the world's grammar: {text!r}")
+
+
+def phrase_identity(phrase: str) -> tuple[str, str, str, str]:
+    """(shape, colour, size, quadrant) of one phrase of `split_caption`, like `WorldObject.identity()`."""
+    match = _PHRASE.fullmatch(phrase)
+    if match is None:
+        raise ValueError(f"not an object phrase of the world's grammar: {phrase!r}")
+    return (match[3], match[2], match[1], match[4])
 
 
 def _in_bounds(obj: WorldObject) -> bool:

@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torchmetrics import Metric
 
+from ddt_lightning.data.world import CaptionParts, split_caption
 from ddt_lightning.mllm.lm import LMConfig, build_causal_lm
 from ddt_lightning.mllm.sequences import (
     EDIT_FORMATS,
@@ -136,6 +137,8 @@ class MLLMModule(L.LightningModule):
         condition_text_loss: float = 0.0,
         visual_embedding_init: Literal["random", "codebook"] = "random",
         edit_format: Literal["direct", "caption_first", "chain"] = "direct",
+        shuffle_phrases: float = 0.0,
+        rewrite_in_place: bool = False,
         seed: int = 0,
     ) -> None:
         """
@@ -178,6 +181,14 @@ class MLLMModule(L.LightningModule):
                 `edit_caption` (the world's edits carry it). `chain`: the exported model edits through words -
                 it captions the source, rewrites the caption under the instruction (the `rewrite` task, which
                 `tasks` must then hold) and draws the rewrite; `edit` rows, if any, train the direct format.
+            shuffle_phrases: probability that a training t2i row's caption names its objects in a random order
+                (`world.split_caption`; captions of the built-in world's grammar only). The world's captions list
+                objects in reading order, so an LM may take an object's quadrant from its place in the list instead
+                of from its words - and then cannot draw a caption in any other order (README, "Clause order").
+            rewrite_in_place: a training rewrite row's target keeps the source caption's object order, the
+                changed object's phrase where its old phrase was (recolour, resize, move), instead of the edited
+                scene's reading order: the rewrite becomes a copy with one phrase replaced (removals and additions
+                are unchanged). Needs t2i that draws captions in any order (`shuffle_phrases`).
         """
         super().__init__()
         self.save_hyperparameters()
@@ -197,6 +208,8 @@ class MLLMModule(L.LightningModule):
             raise ValueError(f"condition_image_loss must be >= 0, got {condition_image_loss}")
         if not condition_text_loss >= 0:
             raise ValueError(f"condition_text_loss must be >= 0, got {condition_text_loss}")
+        if not 0 <= shuffle_phrases <= 1:
+            raise ValueError(f"shuffle_phrases must be in [0, 1], got {shuffle_phrases}")
         if visual_embedding_init not in ("random", "codebook"):
             raise ValueError(f"visual_embedding_init must be random or codebook, got {visual_embedding_init!r}")
         if edit_format not in EDIT_FORMATS:
@@ -397,6 +410,8 @@ class MLLMModule(L.LightningModule):
         self, batch: dict, tasks: list[str], null: list[bool] | None, generator: torch.Generator
     ) -> SequenceBatch:
         """The batch as sequences of the given tasks (design.md section 2), on the module's device."""
+        if self.training:
+            batch = self._phrase_orders(batch, tasks, generator)
         codes, targets = self._codes(batch, with_targets="edit" in tasks)
         b = codes.shape[0]
         both = codes if targets is None else torch.cat([codes, targets])  # (B or 2B, T)
@@ -413,6 +428,30 @@ class MLLMModule(L.LightningModule):
         return build_batch(
             self.vocab.ids, tasks, visual[:b], texts, null, edit_targets, edit_captions, instructions
         ).to(self.device)
+
+    def _phrase_orders(self, batch: dict, tasks: list[str], generator: torch.Generator) -> dict:
+        """`shuffle_phrases` and `rewrite_in_place` on a training batch (a shallow copy; the data is untouched).
+        Draws from the step's generator, so a resumed run shuffles as the uninterrupted one."""
+        p, in_place = self.hparams.shuffle_phrases, self.hparams.rewrite_in_place
+        if not (p > 0 and "t2i" in tasks) and not (in_place and "rewrite" in tasks):
+            return batch
+        batch = dict(batch)
+        if p > 0:
+            draws = torch.rand(len(tasks), generator=generator, device=generator.device).tolist()
+            captions = list(batch["caption"])
+            for row, task in enumerate(tasks):
+                if task == "t2i" and draws[row] < p:
+                    parts = _world_caption(captions[row], "shuffle_phrases")
+                    order = torch.randperm(len(parts.phrases), generator=generator, device=generator.device)
+                    captions[row] = parts.with_phrases([parts.phrases[i] for i in order.tolist()]).text()
+            batch["caption"] = captions
+        if in_place and "rewrite" in tasks:
+            targets = list(batch["edit_caption"])
+            for row, task in enumerate(tasks):
+                if task == "rewrite":
+                    targets[row] = in_place_target(batch["caption"][row], targets[row])
+            batch["edit_caption"] = targets
+        return batch
 
     @property
     def _caption_first(self) -> bool:
@@ -616,3 +655,25 @@ class MLLMModule(L.LightningModule):
             if Path(source).expanduser().resolve() != target.resolve():
                 shutil.copytree(Path(source).expanduser(), target, dirs_exist_ok=True)
         return folder
+
+
+def _world_caption(text: str, option: str) -> CaptionParts:
+    try:
+        return split_caption(text)
+    except ValueError as error:
+        raise ValueError(
+            f"model.init_args.{option} reorders the objects of captions of the built-in world's grammar: {error}"
+        ) from None
+
+
+def in_place_target(source: str, target: str) -> str:
+    """The rewrite target `target` (the edited scene's caption) with its objects in `source`'s order: when the edit
+    replaced one object phrase by another (recolour, resize, move), the new phrase takes the old one's place in the
+    source's list; otherwise (removal, addition) `target` is returned as it is. Both must be captions of the world's
+    grammar; the target's template is kept."""
+    src, tgt = _world_caption(source, "rewrite_in_place"), _world_caption(target, "rewrite_in_place")
+    removed = [p for p in src.phrases if p not in tgt.phrases]
+    added = [p for p in tgt.phrases if p not in src.phrases]
+    if len(removed) != 1 or len(added) != 1 or len(src.phrases) != len(tgt.phrases):
+        return target
+    return tgt.with_phrases([added[0] if p == removed[0] else p for p in src.phrases]).text()
