@@ -739,7 +739,7 @@ def test_shuffle_phrases_reorders_the_objects_of_training_t2i_captions_only(ddt_
             assert (drawn.prefix, sorted(drawn.phrases)) == (given.prefix, sorted(given.phrases))  # same objects
             seen_new_order |= drawn.phrases != given.phrases
     assert seen_new_order
-    # Captioning targets, evaluation and a module without the option keep the data's order.
+    # Captioning targets and evaluation keep the data's order.
     plain = module.sequences(batch, ["i2t"] * 8, None, torch.Generator().manual_seed(0))
     assert torch.equal(seq.input_ids[6:], plain.input_ids[6:])
     module.eval()
