@@ -39,8 +39,8 @@ class GenerationSamples(L.Callback):
         self,
         num_samples: int = 8,
         guidance: float = 3.0,
-        decode_steps: int = 4,  # mllm.model.DEFAULT_DECODE_STEPS (kept equal by a test)
-        decode_guidance: float = 1.0,
+        decode_steps: int = 1,  # mllm.model.DEFAULT_DECODE_STEPS (kept equal by a test)
+        decode_guidance: float = 1.0,  # mllm.model.DEFAULT_DECODE_GUIDANCE (likewise)
         temperature: float = 1.0,
         top_k: int | None = None,
         seed: int = 0,

@@ -132,8 +132,8 @@ def run_pipeline(
     edit_guidance: float | None = None,
     temperature: float = 0.25,  # mllm.model.DEFAULT_IMAGE_TEMPERATURE
     top_k: int | None = None,
-    decode_steps: int = 4,  # mllm.model.DEFAULT_DECODE_STEPS
-    decode_guidance: float = 2.0,
+    decode_steps: int = 1,  # mllm.model.DEFAULT_DECODE_STEPS
+    decode_guidance: float = 1.0,  # mllm.model.DEFAULT_DECODE_GUIDANCE
     caption_beams: int = 8,  # mllm.model.DEFAULT_CAPTION_BEAMS (not imported: this module loads no torch)
     caption_rerank: float = 1.0,  # mllm.model.DEFAULT_CAPTION_RERANK
     candidates: int = 4,  # mllm.model.DEFAULT_DRAW_CANDIDATES

@@ -561,21 +561,24 @@ def test_the_model_and_the_evaluation_do_not_import_lightning():
 
 def test_every_entry_point_decodes_with_the_main_jobs_decoder_guidance(monkeypatch):
     # `ddt evaluate` once defaulted to guidance 1 while the pipeline decoded at 2: the same export scored 0.497 vs
-    # 0.566 GenEval-style. The default of every path must be the sampler's of configs/main.yaml.
+    # 0.566 GenEval-style. The default of every path must be the main job's (configs/pipeline.yaml).
     import inspect
 
     import yaml
 
+    from ddt_lightning.callbacks import GenerationSamples
     from ddt_lightning.pipeline import run_pipeline
 
-    main = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "main.yaml").read_text())
-    expected = main["model"]["init_args"]["guidance"]
+    job = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "pipeline.yaml").read_text())
+    expected = job["decode_guidance"]
+    assert model_module.DEFAULT_DECODE_GUIDANCE == expected and job["decode_steps"] == model_module.DEFAULT_DECODE_STEPS
     defaults = {
         "evaluate_world": inspect.signature(evaluate_world).parameters["decode_guidance"].default,
         "run_pipeline": inspect.signature(run_pipeline).parameters["decode_guidance"].default,
         "DDTLlama.text_to_image": inspect.signature(DDTLlama.text_to_image).parameters["decode_guidance"].default,
         "DDTLlama.edit": inspect.signature(DDTLlama.edit).parameters["decode_guidance"].default,
         "DDTLlama.reconstruct": inspect.signature(DDTLlama.reconstruct).parameters["guidance"].default,
+        "GenerationSamples": inspect.signature(GenerationSamples).parameters["decode_guidance"].default,
     }
     seen = {}
     import ddt_lightning.mllm.commands as commands

@@ -54,14 +54,14 @@ LM_FOLDER = "lm"
 DDT_TOKENIZER_FOLDER = "ddt_tokenizer"
 EXPORT_CONFIG = "ddt_llm.json"
 EXPORT_FORMAT = "ddt-llm/1"
-# The DDT decoder's Euler steps when it draws the LM's tokens, by default everywhere (the API, the commands, the
-# evaluation, the pipeline, GenerationSamples). 4 rather than the tokenizer's 8 (`sampler_steps`, its PSNR figures):
-# same PSNR (26.6 vs 26.7 dB), but shapes read back more often - GenEval-style 0.652 -> 0.708, edits 0.176 -> 0.199
-# on the main job's export (README, "Sampling").
-DEFAULT_DECODE_STEPS = 4
-# The DDT decoder's own guidance: its sampler's in configs/main.yaml and the main job's (configs/pipeline.yaml), so a
-# command or call left at its default scores an export as the pipeline did.
-DEFAULT_DECODE_GUIDANCE = 2.0
+# The DDT decoder's Euler steps and its own guidance when it draws the LM's tokens, by default everywhere (the API,
+# the commands, the evaluation, the pipeline, GenerationSamples; a test keeps them equal). One step without guidance:
+# the decoder's x0 estimate from all T tokens at t = 1, which its pure-noise training (p_pure_noise) makes a one-step
+# autoencoder. Since the decoder-only phase grew to 1,900 steps it scores the main job's export as 4 steps at guidance
+# 2 did (held-out worlds 1 / 2: GenEval-style 0.810 / 0.819 vs 0.820 / 0.811, edits 0.434 / 0.418 vs 0.438 / 0.398)
+# at an eighth of the decoder's passes; with the decoders before it, 4 steps were far better (README, "Sampling").
+DEFAULT_DECODE_STEPS = 1
+DEFAULT_DECODE_GUIDANCE = 1.0
 # The temperature of the image tokens (text-to-image and edits) by default, everywhere (the API, the commands, the
 # evaluation, the pipeline): the held-out scores rise as it falls from 1 (README, "Sampling").
 DEFAULT_IMAGE_TEMPERATURE = 0.25
