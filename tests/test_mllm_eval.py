@@ -21,10 +21,10 @@ from ddt_lightning.geneval import CATEGORIES, geneval_scores, geneval_suite, hel
 from ddt_lightning.images import save_png, to_uint8
 from ddt_lightning.mllm.commands import main_caption, main_edit, main_evaluate, main_generate
 from ddt_lightning.mllm.evaluate import evaluate_world
-from ddt_lightning.mllm.generation import generate_image_tokens
+from ddt_lightning.mllm.generation import generate_image_tokens, sequence_log_likelihood
 from ddt_lightning.mllm.lm import LMConfig
 from ddt_lightning.mllm.model import DDTLlama
-from ddt_lightning.mllm.sequences import TokenOrder, image_to_text, text_to_image
+from ddt_lightning.mllm.sequences import TokenOrder, image_to_text, rewrite, text_to_image
 from ddt_lightning.tokenizer import DDTTokenizer, TokenizerConfig
 
 T, K, RES = 8, 64, 16
@@ -344,7 +344,7 @@ def test_a_chain_model_captions_rewrites_and_draws(export, model, tmp_path, monk
     for prompt, caption, instruction in zip(prompts, captions, instructions):  # <bos> caption <eos> instruction <eos>
         text = chain._text([caption])[0] + [ids.eos] + chain._text([instruction])[0]
         assert prompt == [ids.bos, *text, ids.eos]
-    rewrites = chain.rewrite(captions, instructions)
+    rewrites = chain.rewrite(captions, instructions, sources=chain.ddt.encode(images))  # checked against the source
     assert chain.edit_captions(images, instructions) == rewrites
     calls = []
 
@@ -742,3 +742,51 @@ def test_every_drawing_entry_point_reads_back_the_same_number_of_candidates(monk
     assert inspect.signature(DDTLlama.edit).parameters["candidates"].default is None
     # A count below 1 is refused while parsing, before the model is loaded.
     assert command_arguments(monkeypatch, ["ddt generate"], ["--candidates", "0"]) == {"ddt generate": {}}
+
+
+def test_a_rewrite_checked_against_the_source_maximises_both_likelihoods(export, tmp_path, monkeypatch):
+    chain = chain_model(export, tmp_path / "chain")
+    images, samples = world_images(3)
+    captions, instructions = [s.caption for s in samples], [s.edit_instruction for s in samples]
+    sources = chain.ddt.encode(images)
+    ids, texts, orders = chain.vocab.ids, chain._text(captions), chain._text(instructions)
+    per = model_module.DEFAULT_CAPTION_BEAMS
+    # Beams of our making: each row's unchanged caption among them, first in row 0; the rest short text rows.
+    beams = []
+    for row in range(3):
+        made = [[5 + row, 6 + j % 5, 7 + j] for j in range(per - 1)]
+        beams += [texts[row], *made] if row == 0 else [*made[:3], texts[row], *made[3:]]
+    asked = []
+    monkeypatch.setattr(model_module, "generate_text", lambda *a, **k: asked.append(k["num_return_sequences"]) or beams)
+    rows = chain._visual_rows(sources, None)
+
+    def expected(weight: float) -> list[str]:
+        forward = sequence_log_likelihood(
+            chain.lm, [rewrite(ids, texts[i // per], orders[i // per], b) for i, b in enumerate(beams)], ids.pad
+        )
+        backward = sequence_log_likelihood(
+            chain.lm, [text_to_image(ids, b, rows[i // per]) for i, b in enumerate(beams)], ids.pad
+        )
+        score = (forward + weight * backward).view(3, per)
+        best = []
+        for row in range(3):
+            changed = [j for j in range(per) if beams[row * per + j] != texts[row]]
+            best.append(beams[row * per + max(changed, key=lambda j: score[row, j].item())])
+        return chain.vocab.decode_text(best)
+
+    for weight in (0.1, 1.0, 100.0):
+        got = chain.rewrite(captions, instructions, sources=sources, source_weight=weight)
+        assert got == expected(weight)
+        assert all(g != c for g, c in zip(got, captions))  # never the copy, however likely it makes the source
+    # The source's term does choose: on these beams it changes the pick of beam search's own score.
+    assert expected(0.0) != expected(100.0)
+    # The default weight is the one the edits use.
+    default = model_module.DEFAULT_REWRITE_SOURCE_WEIGHT
+    assert chain.rewrite(captions, instructions, sources=sources) == expected(default)
+    assert set(asked) == {per}  # every beam is scored
+    with pytest.raises(ValueError, match="source_weight"):
+        chain.rewrite(captions, instructions, sources=sources, source_weight=-1.0)
+    with pytest.raises(ValueError, match="source_weight"):
+        chain.rewrite(captions, instructions, sources=sources, source_weight=float("nan"))
+    with pytest.raises(ValueError, match="sources must be DDT codes"):
+        chain.rewrite(captions, instructions, sources=sources[:2])
