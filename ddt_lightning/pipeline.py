@@ -137,6 +137,7 @@ def run_pipeline(
     caption_beams: int = 8,  # mllm.model.DEFAULT_CAPTION_BEAMS (not imported: this module loads no torch)
     caption_rerank: float = 1.0,  # mllm.model.DEFAULT_CAPTION_RERANK
     candidates: int = 4,  # mllm.model.DEFAULT_DRAW_CANDIDATES
+    rewrite_source_weight: float = 0.1,  # mllm.model.DEFAULT_REWRITE_SOURCE_WEIGHT
     seed: int = 0,
     feature_net_steps: int = 800,
     feature_net_scenes: int = 16_384,
@@ -158,6 +159,8 @@ def run_pipeline(
         caption_rerank: weight of log p(image | caption) when those beams are reranked (0: the top beam).
         candidates: drawings per prompt (text-to-image, a chain model's edits), the one the LM reads back as its
             prompt likeliest kept (1: draw once).
+        rewrite_source_weight: a chain model's edits: the rewrite maximising log p(rewrite | caption, instruction) +
+            this x log p(source | rewrite) among the beams (0: the likeliest beam that changes the caption).
         seed: the evaluation's sampling seed.
         feature_net_steps, feature_net_scenes: training of the feature network (stage 0), when it is made here.
     """
@@ -210,6 +213,7 @@ def run_pipeline(
     args += ["--output", str(llm_dir / "evaluation")]
     args += ["--decode_guidance", str(decode_guidance), "--num_beams", str(caption_beams)]
     args += ["--rerank", str(caption_rerank), "--decode_steps", str(decode_steps), "--candidates", str(candidates)]
+    args += ["--rewrite_source_weight", str(rewrite_source_weight)]
     if edit_guidance is not None:
         args += ["--edit_guidance", str(edit_guidance)]
     if top_k is not None:

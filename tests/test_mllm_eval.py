@@ -790,3 +790,49 @@ def test_a_rewrite_checked_against_the_source_maximises_both_likelihoods(export,
         chain.rewrite(captions, instructions, sources=sources, source_weight=float("nan"))
     with pytest.raises(ValueError, match="sources must be DDT codes"):
         chain.rewrite(captions, instructions, sources=sources[:2])
+
+
+def test_every_entry_point_checks_rewrites_with_the_main_jobs_weight(export, tmp_path, monkeypatch):
+    import inspect
+
+    import yaml
+
+    import ddt_lightning.mllm.commands as commands
+    from ddt_lightning.pipeline import run_pipeline
+
+    expected = model_module.DEFAULT_REWRITE_SOURCE_WEIGHT
+    job = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "pipeline.yaml").read_text())
+    defaults = {
+        "configs/pipeline.yaml": job["rewrite_source_weight"],
+        "run_pipeline": inspect.signature(run_pipeline).parameters["rewrite_source_weight"].default,
+        "evaluate_world": inspect.signature(evaluate_world).parameters["rewrite_source_weight"].default,
+        "DDTLlama.edit": inspect.signature(DDTLlama.edit).parameters["rewrite_source_weight"].default,
+        "DDTLlama.edit_captions": inspect.signature(DDTLlama.edit_captions).parameters["rewrite_source_weight"].default,
+        "DDTLlama.rewrite": inspect.signature(DDTLlama.rewrite).parameters["source_weight"].default,
+    }
+    seen = {}
+    monkeypatch.setattr(commands, "_load_model", lambda parser, args: seen.update(args) or sys.exit(0))
+    source = tmp_path / "source.png"
+    save_png(world_images(1)[1][0].image, source)
+    edit_argv = ["--model", "x", "--images", str(source), "--instruction", "make it red"]
+    for name, main, argv in (("ddt evaluate", main_evaluate, ["--model", "x"]), ("ddt edit", main_edit, edit_argv)):
+        seen.clear()
+        with pytest.raises(SystemExit):
+            main(argv)
+        defaults[name] = seen["rewrite_source_weight"]
+    assert defaults == dict.fromkeys(defaults, expected)
+    # A chain model's edit and its rewrites hand the weight on to `rewrite`, with the sources' codes.
+    chain = chain_model(export, tmp_path / "chain")
+    images, samples = world_images(2)
+    instructions = [s.edit_instruction for s in samples]
+    calls, rewrite_of = [], chain.rewrite
+
+    def spy(captions, instructions, batch_size=32, sources=None, source_weight=expected):
+        calls.append((sources, source_weight))
+        return rewrite_of(captions, instructions, batch_size, sources, source_weight)
+
+    monkeypatch.setattr(chain, "rewrite", spy)
+    chain.edit(images, instructions, decode_steps=1, candidates=1, rewrite_source_weight=0.7)
+    chain.edit_captions(images, instructions, rewrite_source_weight=0.0)
+    assert [weight for _, weight in calls] == [0.7, 0.0]
+    assert all(torch.equal(codes, chain.ddt.encode(images)) for codes, _ in calls)

@@ -40,6 +40,7 @@ from ddt_lightning.mllm.model import (
     DEFAULT_DECODE_GUIDANCE,
     DEFAULT_DRAW_CANDIDATES,
     DEFAULT_IMAGE_TEMPERATURE,
+    DEFAULT_REWRITE_SOURCE_WEIGHT,
     DDTLlama,
 )
 
@@ -77,6 +78,16 @@ def _beams_argument(parser: ArgumentParser) -> None:
         type=float,
         default=DEFAULT_CAPTION_RERANK,
         help="pick among the beams by log p(caption | image) + RERANK * log p(image | caption) (0: the top beam)",
+    )
+
+
+def _rewrite_argument(parser: ArgumentParser) -> None:
+    parser.add_argument(
+        "--rewrite_source_weight",
+        type=float,
+        default=DEFAULT_REWRITE_SOURCE_WEIGHT,
+        help="a chain model's rewrite: the beam maximising log p(rewrite | caption, instruction) + this * "
+        "log p(source | rewrite) (0: the likeliest; default: the main job's)",
     )
 
 
@@ -323,6 +334,7 @@ def main_edit(argv: list[str] | None = None) -> int:
     parser.add_argument("--instructions", type=str | None, default=None, help="a file of instructions, one per line")
     parser.add_argument("--output", type=str, default="outputs/edited", help="folder for the PNGs and the index")
     _sampling_arguments(parser, candidates=None)
+    _rewrite_argument(parser)
     args = parser.parse_args(argv)
     paths = _image_paths(parser, args.images)
     instructions = [i.strip() for i in args.instruction or []]
@@ -337,8 +349,9 @@ def main_edit(argv: list[str] | None = None) -> int:
     model = _load_model(parser, args)
     sources = _load_images(parser, paths, model.resolution)
     with _Run(args, "edit") as run:
+        rewrite = {"rewrite_source_weight": args.rewrite_source_weight} if model.reads_back_edits else {}
         edited = model.edit(
-            sources, instructions, generator=_generator(model, args.seed), progress=True, **_sampling(args)
+            sources, instructions, generator=_generator(model, args.seed), progress=True, **rewrite, **_sampling(args)
         )
         folder = Path(args.output)
         names = _write_images(edited, folder)
@@ -365,6 +378,7 @@ def main_evaluate(argv: list[str] | None = None) -> int:
     _beams_argument(parser)
     parser.add_argument("--output", type=str | None, default=None, help="folder for scores.json, grids, captions")
     _sampling_arguments(parser)
+    _rewrite_argument(parser)
     args = parser.parse_args(argv)
     model = _load_model(parser, args)
     with _Run(args, "evaluate") as run:
@@ -384,6 +398,7 @@ def main_evaluate(argv: list[str] | None = None) -> int:
             caption_beams=args.num_beams,
             caption_rerank=args.rerank,
             candidates=args.candidates,
+            rewrite_source_weight=args.rewrite_source_weight,
             batch_size=args.batch_size,
             generator_seed=args.seed,
             ceilings=args.ceilings,

@@ -53,6 +53,7 @@ from ddt_lightning.mllm.model import (
     DEFAULT_DECODE_GUIDANCE,
     DEFAULT_DRAW_CANDIDATES,
     DEFAULT_IMAGE_TEMPERATURE,
+    DEFAULT_REWRITE_SOURCE_WEIGHT,
 )
 
 
@@ -141,6 +142,7 @@ def evaluate_world(
     caption_beams: int = DEFAULT_CAPTION_BEAMS,
     caption_rerank: float = DEFAULT_CAPTION_RERANK,
     candidates: int = DEFAULT_DRAW_CANDIDATES,
+    rewrite_source_weight: float = DEFAULT_REWRITE_SOURCE_WEIGHT,
     batch_size: int = 16,
     generator_seed: int = 0,
     ceilings: bool = True,
@@ -159,6 +161,7 @@ def evaluate_world(
         caption_rerank: weight of log p(image | caption) when the beams are reranked (0: the top beam).
         candidates: drawings per prompt, the one kept that the model reads back as its prompt likeliest - in
             text-to-image and in a chain model's edits (the other edit formats draw once).
+        rewrite_source_weight: a chain model's rewrites checked against the source (`DDTLlama.rewrite`; 0: none).
         ceilings: also score the DDT tokenizer's reconstructions of the ground truth (`ceiling/...`).
         num_samples: images per task kept in `samples` for grids.
     """
@@ -235,6 +238,7 @@ def evaluate_world(
             batch_size=batch_size,
             progress=progress,
             candidates=candidates if model.reads_back_edits else 1,
+            **({"rewrite_source_weight": rewrite_source_weight} if model.reads_back_edits else {}),
             **sampling,
         )
         scores |= _edit_scores(to_numpy_images(edited), samples, "edit reader", progress)

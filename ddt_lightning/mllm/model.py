@@ -567,6 +567,7 @@ class DDTLlama:
         batch_size: int = 16,
         progress: bool = False,
         candidates: int | None = None,
+        rewrite_source_weight: float = DEFAULT_REWRITE_SOURCE_WEIGHT,
     ) -> torch.Tensor:
         """Edited images (B, 3, R, R) in [-1, 1] of sources (B, 3, R, R) and instructions (one, or one per image);
         guidance `s` on the instruction (the null prompt keeps the source and drops the instruction).
@@ -574,8 +575,9 @@ class DDTLlama:
         A `chain` model edits through words: it captions each source (`caption`'s defaults: reranked beams), rewrites
         the caption under the instruction (`rewrite`) and draws the rewrite (`text_to_image`: guidance `s`
         against the null prompt, `candidates` drawings read back against the rewrite; None: DEFAULT_DRAW_CANDIDATES);
-        `edit_captions` gives the rewrites. The other formats draw once (no caption states their target: None or
-        1)."""
+        `edit_captions` gives the rewrites; `rewrite_source_weight` is the rewrite's check against the source
+        (`rewrite`'s `source_weight`; 0: none). The other formats draw once (no caption states their target: None or
+        1) and have no rewrite."""
         images = self._check_images(images)
         b = images.shape[0]
         instructions = [instructions] * b if isinstance(instructions, str) else list(instructions)
@@ -594,7 +596,9 @@ class DDTLlama:
             sources = self.ddt.encode(images[part])  # (b, T) in DDT's order
             if self.edit_format == "chain":
                 captions = self.caption_codes(sources, generator=generator)
-                targets = self.rewrite(captions, instructions[part], sources=sources)
+                targets = self.rewrite(
+                    captions, instructions[part], sources=sources, source_weight=rewrite_source_weight
+                )
                 drawn = self.text_to_image(
                     targets,
                     guidance=guidance,
@@ -618,7 +622,13 @@ class DDTLlama:
             out.append(self.decode(codes, decode_steps, decode_guidance, generator))
         return torch.cat(out)  # (B, 3, R, R)
 
-    def edit_captions(self, images: torch.Tensor, instructions: str | Sequence[str], batch_size: int = 32) -> list[str]:
+    def edit_captions(
+        self,
+        images: torch.Tensor,
+        instructions: str | Sequence[str],
+        batch_size: int = 32,
+        rewrite_source_weight: float = DEFAULT_REWRITE_SOURCE_WEIGHT,
+    ) -> list[str]:
         """caption_first and chain models: the caption each edit writes for its target before drawing it (beam
         search), to see whether a failed edit misread the scene or the instruction, or drew the right caption wrong."""
         if self.edit_format not in ("caption_first", "chain"):
@@ -629,7 +639,8 @@ class DDTLlama:
             raise ValueError(f"{len(instructions)} instructions for {images.shape[0]} images")
         if self.edit_format == "chain":
             sources = self.ddt.encode(images)
-            return self.rewrite(self.caption(images, batch_size=batch_size), instructions, batch_size, sources)
+            captions = self.caption(images, batch_size=batch_size)
+            return self.rewrite(captions, instructions, batch_size, sources, rewrite_source_weight)
         captions: list[list[int]] = []
         for part in _chunks(images.shape[0], batch_size):
             prompts = self.edit_prompts(self.ddt.encode(images[part]), instructions[part])
