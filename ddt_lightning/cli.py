@@ -78,14 +78,15 @@ class DDTCLI(LightningCLI):
         if self.config[self.subcommand].test_after_fit:
             # The held-out split, with the weights training ended with (the EMA average when that callback is used).
             self.trainer.test(self.model, datamodule=self.datamodule, verbose=False)
-            self._report(export)
+            self._report(export, fitted=True)
 
     def after_test(self) -> None:
         self._report(self._export())
 
-    def _report(self, export: str | None) -> None:
+    def _report(self, export: str | None, fitted: bool = False) -> None:
         """Print where the run (and the export) are, then the held-out figures as the last line: one JSON object
-        (kept as `self.summary`)."""
+        (kept as `self.summary`). After `fit`, also the optimizer steps taken (`steps`) and asked for (`max_steps`):
+        `trainer.max_time` may stop a run before its `max_steps`."""
         if not self.trainer.is_global_zero:
             return
         results = self.model.last_test_results
@@ -99,6 +100,8 @@ class DDTCLI(LightningCLI):
             summary |= {k: results[k] for k in ("ssim", "perplexity", "prefix_tokens", "rfid") if k in results}
         else:
             summary = dict(results) | {"export": export}
+        if fitted:
+            summary |= {"steps": self.trainer.global_step, "max_steps": self.trainer.max_steps}
         self.summary = summary
         sys.stdout.flush()
         print(json.dumps(summary), flush=True)

@@ -105,6 +105,9 @@ def _fit_or_reuse(
         return saved["results"], "reused"
     _say(f"{stage}: ddt fit --config {' --config '.join(configs)}")
     results = _fit(configs, experiment, wiring)
+    steps, asked = results.get("steps"), results.get("max_steps")
+    if steps is not None and asked is not None and 0 < asked and steps < asked:
+        _say(f"{stage}: trainer.max_time stopped it at step {steps} of {asked}: its figures are those of a shorter run")
     record.write_text(json.dumps({"key": key, "results": results}, indent=2))
     return results, "trained"
 
@@ -230,6 +233,13 @@ def run_pipeline(
     summary["export"] = str(llm_dir)
     summary["scores"] = {k: v for k, v in scores.items() if k not in summary}
     summary["stages"] = stages
+    # Optimizer steps taken of those asked for, per trained stage (a time cap may stop one early); a stage reused
+    # from an export written before the steps were recorded has none.
+    summary["steps"] = {
+        stage: {"done": results["steps"], "of": results["max_steps"]}
+        for stage, results in (("tokenizer", tokenizer_results), ("llm", llm_results))
+        if "steps" in results and "max_steps" in results
+    }
     summary["minutes"] = {k: round(v / 60, 2) for k, v in timings.items()}
     return summary
 

@@ -34,6 +34,9 @@ def test_pipeline_runs_every_stage_then_reuses_them(tmp_path, monkeypatch, capsy
     for key in ("geneval_overall", "caption_accuracy", "edit_success"):
         assert 0.0 <= summary[key] <= 1.0, key
     assert summary["export"] == "llm" and summary["perplexity_text"] > 1.0
+    # Every step the stage configs ask for was taken (micro.yaml 8, llm_micro.yaml 4), and the job says so.
+    assert summary["steps"] == {"tokenizer": {"done": 8, "of": 8}, "llm": {"done": 4, "of": 4}}
+    assert "stopped it at step" not in err
     # One folder to hand over: the LM and its tokenizer (transformers Auto classes) and the DDT tokenizer.
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -102,3 +105,21 @@ def test_stage_key_follows_values_not_comments_or_layout(tmp_path):
     assert stage_key([str(config), str(other)], ["tokenizer-digest"]) != stage_key(
         [str(other), str(config)], ["tokenizer-digest"]
     )  # the last file wins in `ddt fit`, so the order of the files is part of the key
+
+
+def test_a_stage_stopped_by_its_time_cap_is_reported(tmp_path, monkeypatch, capsys):
+    import ddt_lightning.pipeline as pipeline
+
+    config = tmp_path / "stage.yaml"
+    config.write_text(f"export_dir: {tmp_path / 'out'}\ntrainer:\n  max_steps: 8\n")
+    (tmp_path / "out").mkdir()
+    monkeypatch.setattr(pipeline, "_fit", lambda configs, experiment, extra: {"psnr": 1.0, "steps": 5, "max_steps": 8})
+    results, status = pipeline._fit_or_reuse("tokenizer", [str(config)], [], "x", [])
+    assert status == "trained" and results["steps"] == 5
+    assert "tokenizer: trainer.max_time stopped it at step 5 of 8" in capsys.readouterr().err
+    # A run that took all its steps, or one without a step budget (max_steps -1), says nothing.
+    for done, asked in ((8, 8), (120, -1)):
+        monkeypatch.setattr(pipeline, "_fit", lambda *a, d=done, m=asked: {"steps": d, "max_steps": m})
+        config.write_text(f"export_dir: {tmp_path / 'out'}\ntrainer:\n  max_steps: {asked}\n")
+        pipeline._fit_or_reuse("llm", [str(config)], [], "x", [])
+        assert "stopped it" not in capsys.readouterr().err
