@@ -638,14 +638,16 @@ class DDTLlama:
         if len(instructions) != images.shape[0]:
             raise ValueError(f"{len(instructions)} instructions for {images.shape[0]} images")
         if self.edit_format == "chain":
-            sources = self.ddt.encode(images)
-            captions = self.caption(images, batch_size=batch_size)
+            captions: list[str] = []
+            sources = self.ddt.encode(images)  # once: the captions and the rewrite's check read the same codes
+            for part in _chunks(images.shape[0], batch_size):
+                captions += self.caption_codes(sources[part])
             return self.rewrite(captions, instructions, batch_size, sources, rewrite_source_weight)
-        captions: list[list[int]] = []
+        written: list[list[int]] = []
         for part in _chunks(images.shape[0], batch_size):
             prompts = self.edit_prompts(self.ddt.encode(images[part]), instructions[part])
-            captions += self._continue_with_text(prompts, stop_id=self.vocab.ids.boi)
-        return self.vocab.decode_text(captions)
+            written += self._continue_with_text(prompts, stop_id=self.vocab.ids.boi)
+        return self.vocab.decode_text(written)
 
     @torch.inference_mode()
     def _continue_with_text(
